@@ -1,0 +1,227 @@
+"""The `detrforge` command line: one verb per user intent.
+
+Only this module prints for the user and chooses exit codes; the library raises typed errors and
+they are turned into one clear line here (no tracebacks for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 2."""
+
+
+def default_workdir() -> str:
+    return os.environ.get("DETRFORGE_WORKDIR", "runs")
+
+
+def _add_workdir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=default_workdir(),
+                        help="where runs, checkpoints and the MLflow store live "
+                             "(default: $DETRFORGE_WORKDIR or ./runs)")
+
+
+def _add_pipeline_commands(sub) -> None:
+    run = sub.add_parser("run", help="run a pipeline (or one recipe) on this machine; resumes "
+                                     "by default and skips finished stages")
+    run.add_argument("target", help="configs/pipelines/*.yaml or a stage recipe")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _add_workdir(run)
+    run.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+    run.add_argument("--only", metavar="STAGE", help="run this stage only")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE",
+                     help="start at this stage (earlier ones must be done)")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = sub.add_parser("demo", help="make the sample data if missing and run the demo pipeline")
+    _add_workdir(demo)
+    demo.set_defaults(handler=_cmd_demo)
+
+    submit = sub.add_parser("submit", help="submit a pipeline's stages to SLURM through submitit")
+    submit.add_argument("target", help="configs/pipelines/*.yaml")
+    submit.add_argument("--cluster", required=True, help="configs/clusters/*.yaml")
+    _add_workdir(submit)
+    submit.set_defaults(handler=_cmd_submit)
+
+    for verb, text in (("status", "show where each stage of a pipeline stands"),
+                       ("cancel", "cancel a pipeline's queued or running SLURM jobs")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("target", help="configs/pipelines/*.yaml")
+        _add_workdir(p)
+        p.set_defaults(handler=_cmd_status if verb == "status" else _cmd_cancel)
+
+
+def _add_model_commands(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate an export or a registered model on shards")
+    ev.add_argument("model", help="export folder, or models:/<name>@<alias>")
+    ev.add_argument("--data", required=True, help="validation shard folder")
+    _add_workdir(ev)
+    ev.set_defaults(handler=_cmd_eval)
+
+    ex = sub.add_parser("export", help="export a stage's latest checkpoint as model.safetensors")
+    ex.add_argument("run_folder", help="a stage run folder (<workdir>/<pipeline>/<stage>)")
+    ex.set_defaults(handler=_cmd_export)
+
+    reg = sub.add_parser("registry", help="the MLflow model registry of the workdir")
+    reg_sub = reg.add_subparsers(dest="registry_cmd", metavar="{list,promote}", required=True)
+    ls = reg_sub.add_parser("list", help="registered models, versions and aliases")
+    _add_workdir(ls)
+    ls.set_defaults(handler=_cmd_registry_list)
+    pr = reg_sub.add_parser("promote", help="point ALIAS of model NAME at VERSION")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("alias")
+    _add_workdir(pr)
+    pr.set_defaults(handler=_cmd_registry_promote)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the workdir's store")
+    _add_workdir(ui)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_cmd_ui)
+
+
+def _add_config_commands(sub) -> None:
+    cfg = sub.add_parser("config", help="inspect recipes")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", metavar="{show}", required=True)
+    show = cfg_sub.add_parser("show", help="print the resolved, validated config of a recipe")
+    show.add_argument("recipe", help="a stage recipe under configs/stages/")
+    show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    show.set_defaults(handler=_cmd_config_show)
+
+
+def _add_data_commands(sub) -> None:
+    try:
+        from launch import data_cli
+    except ImportError:
+        data = sub.add_parser("data", help="make sample data and convert data sets to shards")
+        data.set_defaults(handler=lambda args: _not_yet("data"))
+        return
+    data_cli.register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detrforge",
+        description="Staged pretraining of DETR-family detectors: backbone -> multi-scale "
+                    "Deformable-DETR -> segmentation / domain fine-tuning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_pipeline_commands(sub)
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    _add_config_commands(sub)
+    return parser
+
+
+def _not_yet(what: str) -> int:
+    print(f"detrforge {what}: not available in this version yet (see the README's status table)")
+    return 0
+
+
+def _cmd_config_show(args) -> int:
+    from pipeline.config import config_hash, dump_yaml
+    from stages import load_stage_config
+
+    stage, cfg = load_stage_config(args.recipe, args.overrides)
+    print(f"# stage: {stage}\n# config_hash: {config_hash(cfg)}")
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from launch.runner import run_target
+
+    return run_target(args.target, args.overrides, Path(args.workdir), force=args.force,
+                      only=args.only, from_stage=args.from_stage)
+
+
+def _cmd_demo(args) -> int:
+    from launch.runner import run_demo
+
+    return run_demo(Path(args.workdir))
+
+
+def _cmd_submit(args) -> int:
+    from launch.runner import submit_pipeline
+
+    return submit_pipeline(args.target, Path(args.cluster), Path(args.workdir))
+
+
+def _cmd_status(args) -> int:
+    from launch.runner import show_status
+
+    return show_status(args.target, Path(args.workdir))
+
+
+def _cmd_cancel(args) -> int:
+    from launch.runner import cancel_pipeline
+
+    return cancel_pipeline(args.target, Path(args.workdir))
+
+
+def _cmd_eval(args) -> int:
+    from launch.runner import evaluate_model
+
+    return evaluate_model(args.model, Path(args.data), Path(args.workdir))
+
+
+def _cmd_export(args) -> int:
+    from launch.runner import export_run
+
+    return export_run(Path(args.run_folder))
+
+
+def _cmd_registry_list(args) -> int:
+    from pipeline.tracking import list_models, tracking_uri_for
+
+    rows = list_models(tracking_uri_for(Path(args.workdir)))
+    if not rows:
+        print(f"no registered models in {args.workdir}")
+        return 0
+    print(f"{'name':40s} {'version':>7s}  aliases")
+    for row in rows:
+        print(f"{row['name']:40s} {str(row['version']):>7s}  {', '.join(row['aliases'])}")
+    return 0
+
+
+def _cmd_registry_promote(args) -> int:
+    from pipeline.tracking import promote, tracking_uri_for
+
+    promote(tracking_uri_for(Path(args.workdir)), args.name, args.version, args.alias)
+    print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _cmd_ui(args) -> int:
+    from pipeline.tracking import ui_command
+
+    cmd = ui_command(Path(args.workdir), args.host, args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pipeline.config import ConfigError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (CliError, ConfigError, FileNotFoundError) as err:
+        print(f"detrforge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("detrforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
