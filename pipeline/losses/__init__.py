@@ -1,0 +1,33 @@
+"""Losses: DETR set matching and criterion, classification losses for backbone pretraining."""
+
+from pipeline.losses.classification import (
+    ClassificationLoss,
+    ClassificationLossConfig,
+    build_classification_loss,
+    label_smoothing_cross_entropy,
+    soft_target_cross_entropy,
+)
+from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
+from pipeline.losses.set_criterion import (
+    CriterionConfig,
+    LossWeights,
+    SetCriterion,
+    build_criterion,
+    sigmoid_focal_loss,
+)
+
+__all__ = [
+    "ClassificationLoss",
+    "ClassificationLossConfig",
+    "CriterionConfig",
+    "HungarianMatcher",
+    "LossWeights",
+    "MatcherConfig",
+    "SetCriterion",
+    "build_classification_loss",
+    "build_criterion",
+    "build_matcher",
+    "label_smoothing_cross_entropy",
+    "sigmoid_focal_loss",
+    "soft_target_cross_entropy",
+]
