@@ -1,0 +1,19 @@
+"""Custom ops of the detectors: multi-scale deformable attention."""
+
+from pipeline.models.ops.ms_deform_attn import (
+    MSDeformAttnInputError,
+    ms_deform_attn,
+    ms_deform_attn_gather,
+    ms_deform_attn_grid_sample,
+    register_kernel,
+)
+from pipeline.models.ops.ms_deform_attn_module import MSDeformAttn
+
+__all__ = [
+    "MSDeformAttn",
+    "MSDeformAttnInputError",
+    "ms_deform_attn",
+    "ms_deform_attn_gather",
+    "ms_deform_attn_grid_sample",
+    "register_kernel",
+]

@@ -1,0 +1,198 @@
+"""Multi-scale deformable attention sampling (Deformable DETR, Zhu et al. 2021), pure PyTorch.
+
+The core op takes values of several feature levels, flattened and concatenated, and for every
+query, head, level and point bilinearly samples the value map at a normalised location, then sums
+the samples weighted by the attention weights.
+
+Shapes (B batch, S = sum(h_l * w_l) value tokens, H heads, D = channels per head, Q queries,
+L levels, P points per level):
+
+    value               (B, S, H, D)
+    spatial_shapes      int64 (L, 2), rows (h, w)
+    sampling_locations  (B, Q, H, L, P, 2), normalised (x, y) in [0, 1]; samples outside are 0
+    attention_weights   (B, Q, H, L, P)
+    -> output           (B, Q, H * D)
+
+Two implementations compute the same function (``grid_sample`` with ``align_corners=False`` and
+zero padding, as the official code):
+
+- ``ms_deform_attn_grid_sample``: the reference, one ``grid_sample`` call per level, as the
+  official PyTorch fallback and HF transformers do;
+- ``ms_deform_attn_gather``: computes the four bilinear corner indices and weights of every sample
+  once for all levels and lets ``embedding_bag`` do the weighted gather-and-sum in one fused call,
+  directly in the (B, Q, H * D) output layout. It never materialises the per-sample values, so it
+  needs less memory and, on GPU, less time (see ``benchmarks/detr_step.py``).
+
+``ms_deform_attn`` dispatches between them (and any fused kernel registered later with
+``register_kernel``). Half-precision inputs are computed in fp32 and cast back: bilinear weights
+in bf16 lose enough precision to shift boxes, and fused kernels commonly only accept fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KernelFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+# device type ("cuda", "cpu", ...) -> kernel; filled by ``register_kernel``.
+_KERNELS: dict[str, KernelFn] = {}
+
+
+class MSDeformAttnInputError(ValueError):
+    """Inputs of ``ms_deform_attn`` with inconsistent shapes."""
+
+
+def register_kernel(device_type: str, kernel: KernelFn | None) -> None:
+    """Route ``ms_deform_attn`` on ``device_type`` tensors to ``kernel`` (None restores the default).
+
+    ``kernel`` has the signature and fp32 contract of ``ms_deform_attn`` itself.
+    """
+    if kernel is None:
+        _KERNELS.pop(device_type, None)
+    else:
+        _KERNELS[device_type] = kernel
+
+
+def check_inputs(value: Tensor, spatial_shapes: Tensor, locations: Tensor, weights: Tensor) -> None:
+    """Raise ``MSDeformAttnInputError`` naming the mismatch instead of a deep torch error."""
+    where = "pipeline/models/ops/ms_deform_attn.py"
+    if value.dim() != 4 or locations.dim() != 6 or weights.dim() != 5:
+        raise MSDeformAttnInputError(
+            f"{where}: expected value (B,S,H,D), sampling_locations (B,Q,H,L,P,2) and "
+            f"attention_weights (B,Q,H,L,P); got {tuple(value.shape)}, {tuple(locations.shape)}, "
+            f"{tuple(weights.shape)}"
+        )
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise MSDeformAttnInputError(f"{where}: spatial_shapes must be (L, 2), got {tuple(spatial_shapes.shape)}")
+    batch, tokens, heads, _ = value.shape
+    num_levels = spatial_shapes.shape[0]
+    if locations.shape[-1] != 2 or locations.shape[:5] != weights.shape:
+        raise MSDeformAttnInputError(
+            f"{where}: sampling_locations {tuple(locations.shape)} must be attention_weights "
+            f"{tuple(weights.shape)} + (2,)"
+        )
+    if weights.shape[0] != batch or weights.shape[2] != heads or weights.shape[3] != num_levels:
+        raise MSDeformAttnInputError(
+            f"{where}: attention_weights {tuple(weights.shape)} does not match batch {batch}, "
+            f"heads {heads} and levels {num_levels} of value / spatial_shapes"
+        )
+    expected_tokens = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    if expected_tokens != tokens:
+        raise MSDeformAttnInputError(
+            f"{where}: value has {tokens} tokens but spatial_shapes sum to {expected_tokens}"
+        )
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """Multi-scale deformable attention sampling; see the module docstring for shapes.
+
+    ``impl``: None picks a registered kernel for the device, else ``"gather"``; ``"gather"`` or
+    ``"grid_sample"`` force a pure PyTorch implementation.
+    """
+    check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    out_dtype = value.dtype
+    if impl is None and value.device.type in _KERNELS:
+        kernel = _KERNELS[value.device.type]
+    elif impl in (None, "gather"):
+        kernel = ms_deform_attn_gather
+    elif impl == "grid_sample":
+        kernel = ms_deform_attn_grid_sample
+    else:
+        raise ValueError(f"pipeline/models/ops: unknown impl {impl!r}; use 'gather' or 'grid_sample'")
+    compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    out = kernel(
+        value.to(compute_dtype),
+        spatial_shapes,
+        sampling_locations.to(compute_dtype),
+        attention_weights.to(compute_dtype),
+    )
+    return out.to(out_dtype)
+
+
+def ms_deform_attn_grid_sample(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Reference: one ``grid_sample`` per level, as the official PyTorch fallback. -> (B, Q, H*D)."""
+    batch, _, heads, channels = value.shape
+    _, queries, _, num_levels, points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_per_level = value.split(sizes, dim=1)
+    # grid_sample works in [-1, 1]; align_corners=False puts pixel centres at (i + 0.5) / size.
+    grids = 2 * sampling_locations - 1
+    samples = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        # (B, h*w, H, D) -> (B*H, D, h, w)
+        level_value = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, h, w)
+        # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        samples.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # (B*H, D, Q, L, P) weighted by (B*H, 1, Q, L*P)
+    stacked = torch.stack(samples, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, num_levels * points)
+    out = (stacked * weights).sum(-1).view(batch, heads * channels, queries)
+    return out.transpose(1, 2).contiguous()
+
+
+def bilinear_corners(
+    spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Flat value indices and weights of the 4 bilinear corners of every sample.
+
+    Returns ``index`` int64 (B, Q, H, L, P, 4) into the level-concatenated token axis and
+    ``weight`` (B, Q, H, L, P, 4) = attention weight x bilinear weight, 0 for corners outside the
+    map (zero padding). Differentiable in locations and attention weights.
+    """
+    shapes = spatial_shapes.to(sampling_locations.device)
+    heights, widths = shapes[:, 0], shapes[:, 1]
+    level_start = torch.cat([shapes.new_zeros(1), (heights * widths).cumsum(0)[:-1]])
+    # align_corners=False: location u in [0, 1] is pixel coordinate u * size - 0.5.
+    size_xy = torch.stack([widths, heights], -1).to(sampling_locations.dtype)  # (L, 2)
+    pixel = sampling_locations * size_xy[:, None, :] - 0.5  # (B, Q, H, L, P, 2)
+    corner0 = pixel.floor()
+    frac = pixel - corner0
+    corner0 = corner0.long()
+    x0, y0 = corner0[..., 0], corner0[..., 1]
+    fx, fy = frac[..., 0], frac[..., 1]
+    w_l, h_l = widths[:, None], heights[:, None]  # broadcast over P
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    bilinear = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (xs >= 0) & (xs < w_l[..., None]) & (ys >= 0) & (ys < h_l[..., None])
+    index = level_start[:, None, None] + ys.clamp(min=0) * w_l[..., None] + xs.clamp(min=0)
+    index = torch.where(inside, index, torch.zeros_like(index))
+    weight = bilinear * attention_weights.unsqueeze(-1) * inside.to(bilinear.dtype)
+    return index, weight
+
+
+def ms_deform_attn_gather(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """All levels at once: corner indices + ``embedding_bag`` weighted sum. -> (B, Q, H*D)."""
+    batch, tokens, heads, channels = value.shape
+    queries = sampling_locations.shape[1]
+    index, weight = bilinear_corners(spatial_shapes, sampling_locations, attention_weights)
+    # value rows are ordered (b, s, h): row of token s of head h in image b = (b*S + s)*H + h.
+    batch_offset = torch.arange(batch, device=value.device).view(batch, 1, 1, 1, 1, 1) * tokens
+    head_offset = torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1, 1)
+    rows = (batch_offset + index) * heads + head_offset
+    bags = batch * queries * heads  # one bag per (b, q, h): its L*P*4 corners
+    out = F.embedding_bag(
+        rows.view(bags, -1),
+        value.reshape(batch * tokens * heads, channels),
+        per_sample_weights=weight.reshape(bags, -1),
+        mode="sum",
+    )
+    return out.view(batch, queries, heads * channels)
