@@ -37,7 +37,7 @@ class LossWeights:
     ce: float = 2.0  # classification loss (Deformable-DETR 2, DETR 1)
     bbox: float = 5.0  # L1 box loss
     giou: float = 2.0  # generalized IoU loss
-    extra: dict = field(default_factory=dict)  # weights of other losses by key, e.g. {"loss_dice": 5}
+    extra: dict[str, float] = field(default_factory=dict)  # weights of other losses by key, e.g. {"loss_dice": 5}
 
     def __post_init__(self) -> None:
         for name, value in [("ce", self.ce), ("bbox", self.bbox), ("giou", self.giou), *self.extra.items()]:

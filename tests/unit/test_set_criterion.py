@@ -1,0 +1,222 @@
+"""SetCriterion and the classification losses against values computed by hand in the tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import (
+    ClassificationLoss,
+    CriterionConfig,
+    HungarianMatcher,
+    LossWeights,
+    SetCriterion,
+    build_criterion,
+    label_smoothing_cross_entropy,
+    soft_target_cross_entropy,
+)
+from pipeline.losses.set_criterion import average_num_boxes
+
+
+class FixedMatcher:
+    """Returns given indices, so that a test checks the losses alone."""
+
+    def __init__(self, indices, focal):
+        self.indices, self.focal = indices, focal
+
+    def __call__(self, outputs, targets):
+        return [(torch.tensor(p, dtype=torch.int64), torch.tensor(t, dtype=torch.int64))
+                for p, t in self.indices]
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def hand_focal_sum(logits, positives, alpha=0.25, gamma=2.0):
+    """Sum over all (query, class) of the focal loss; positives is a set of (query, class)."""
+    total = 0.0
+    for q, row in enumerate(logits):
+        for c, x in enumerate(row):
+            p = sigmoid(x)
+            if (q, c) in positives:
+                total += alpha * (1 - p) ** gamma * -math.log(p)
+            else:
+                total += (1 - alpha) * p**gamma * -math.log(1 - p)
+    return total
+
+
+def boxes_pair():
+    """Two predicted and two target boxes with L1 0.05 + 0.6 and GIoU 0.6 and -0.5 (by hand)."""
+    pred = [[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]
+    target = [[0.55, 0.5, 0.2, 0.2], [0.8, 0.2, 0.2, 0.2]]
+    return torch.tensor([pred]), torch.tensor(target)
+
+
+def test_focal_loss_equals_hand_value_scaled_by_num_queries():
+    logits = [[0.3, -1.2], [2.0, 0.5], [-0.7, 1.1]]
+    pred_boxes, target_boxes = boxes_pair()
+    outputs = {"pred_logits": torch.tensor([logits]), "pred_boxes": pred_boxes}
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": target_boxes}]
+    criterion = SetCriterion(2, FixedMatcher([([0, 1], [0, 1])], focal=True), focal=True)
+    losses = criterion(outputs, targets)
+    # mean over the 3 queries, summed, / 2 boxes, times 3 queries == the plain sum / 2 boxes
+    expected = hand_focal_sum(logits, {(0, 1), (1, 0)}) / 2
+    assert losses["loss_ce"].item() == pytest.approx(expected, rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx((0.05 + 0.6) / 2, rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(((1 - 0.6) + (1 + 0.5)) / 2, rel=1e-5)
+
+
+def test_softmax_cross_entropy_uses_eos_coef_on_no_object():
+    logits = [[0.3, -1.2, 0.4], [2.0, 0.5, -0.1], [-0.7, 1.1, 0.9]]  # 2 classes + no-object
+    pred_boxes, target_boxes = boxes_pair()
+    outputs = {"pred_logits": torch.tensor([logits]), "pred_boxes": pred_boxes}
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": target_boxes}]
+    criterion = SetCriterion(2, FixedMatcher([([2, 0], [0, 1])], focal=False), focal=False, eos_coef=0.1)
+    classes, weights = [0, 2, 1], [1.0, 0.1, 1.0]  # query 1 is unmatched: no-object, weight 0.1
+    nll = [-math.log(math.exp(row[c]) / sum(math.exp(x) for x in row)) for row, c in zip(logits, classes)]
+    expected = sum(w * n for w, n in zip(weights, nll)) / sum(weights)
+    assert criterion(outputs, targets)["loss_ce"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_losses_use_the_hungarian_assignment():
+    pred_boxes, target_boxes = boxes_pair()
+    outputs = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": pred_boxes}
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": target_boxes}]
+    losses = SetCriterion(2, HungarianMatcher())(outputs, targets)
+    # the optimal assignment pairs query 0 with target 0 and query 1 with target 1 (as by hand)
+    assert losses["loss_bbox"].item() == pytest.approx(0.325, rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(0.95, rel=1e-5)
+
+
+def test_empty_targets_give_zero_box_losses_with_gradients():
+    logits = torch.tensor([[[0.3, -1.2], [2.0, 0.5]]], requires_grad=True)
+    boxes = torch.rand(1, 2, 4, requires_grad=True)
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    losses = SetCriterion(2, HungarianMatcher())({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
+    # every query is background; num_boxes is clamped to 1
+    assert losses["loss_ce"].item() == pytest.approx(hand_focal_sum(logits[0].tolist(), set()), rel=1e-5)
+    SetCriterion.weighted_total(losses, LossWeights()).backward()
+    assert torch.equal(boxes.grad, torch.zeros_like(boxes)) and logits.grad.abs().sum() > 0
+
+
+def test_empty_targets_softmax_trains_all_queries_as_no_object():
+    logits = torch.tensor([[[0.3, -1.2, 0.4], [2.0, 0.5, -0.1]]])
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    criterion = SetCriterion(2, HungarianMatcher(focal=False), focal=False)
+    losses = criterion({"pred_logits": logits, "pred_boxes": torch.rand(1, 2, 4)}, targets)
+    expected = -logits[0].log_softmax(-1)[:, 2].mean()  # same weight everywhere: a plain mean
+    assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def random_outputs(num_aux=2, two_stage=True, num_classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def layer():
+        return {"pred_logits": torch.randn(2, 5, num_classes, generator=gen),
+                "pred_boxes": torch.rand(2, 5, 4, generator=gen) * 0.5 + 0.2}
+
+    outputs = {**layer(), "aux_outputs": [layer() for _ in range(num_aux)]}
+    if two_stage:
+        outputs["enc_outputs"] = layer()
+    targets = [{"labels": torch.tensor([2, 1]), "boxes": torch.rand(2, 4, generator=gen) * 0.5 + 0.2},
+               {"labels": torch.tensor([2]), "boxes": torch.rand(1, 4, generator=gen) * 0.5 + 0.2}]
+    return outputs, targets
+
+
+def test_aux_and_enc_keys_and_weighted_total():
+    outputs, targets = random_outputs()
+    losses = SetCriterion(3, HungarianMatcher())(outputs, targets)
+    base = ["loss_ce", "loss_bbox", "loss_giou"]
+    expected_keys = {*base, "class_error", *(f"{k}_{i}" for k in base for i in (0, 1)), *(f"{k}_enc" for k in base)}
+    assert set(losses) == expected_keys
+    weights = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    by_hand = sum(weights["_".join(k.split("_")[:2])] * v for k, v in losses.items() if k != "class_error")
+    assert SetCriterion.weighted_total(losses, LossWeights.deformable_detr()).item() == pytest.approx(by_hand.item())
+    with pytest.raises(ValueError, match="no weight for loss"):
+        SetCriterion.weighted_total({"loss_dice_0": torch.tensor(1.0)}, LossWeights.detr())
+    assert SetCriterion.weighted_total({"loss_dice_0": torch.tensor(1.0)}, LossWeights(extra={"loss_dice": 3.0})) == 3.0
+
+
+def test_detr_and_deformable_weights():
+    assert LossWeights.detr().as_dict() == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    assert LossWeights.deformable_detr().as_dict() == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def test_encoder_proposals_are_matched_class_agnostically():
+    outputs, targets = random_outputs(num_aux=0)
+    criterion = SetCriterion(3, HungarianMatcher())
+    enc = criterion(outputs, targets)["loss_ce_enc"]
+    agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+    assert enc.item() == pytest.approx(criterion(outputs["enc_outputs"], agnostic)["loss_ce"].item())
+    assert enc.item() != pytest.approx(criterion(outputs["enc_outputs"], targets)["loss_ce"].item())
+
+
+def test_class_error_is_a_detached_metric():
+    logits = torch.tensor([[[5.0, -5.0], [5.0, -5.0], [-5.0, -5.0]]], requires_grad=True)
+    pred_boxes, target_boxes = boxes_pair()
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": target_boxes}]
+    criterion = SetCriterion(2, FixedMatcher([([0, 1], [0, 1])], focal=True))
+    losses = criterion({"pred_logits": logits, "pred_boxes": pred_boxes}, targets)
+    assert losses["class_error"].item() == pytest.approx(50.0) and not losses["class_error"].requires_grad
+
+
+def test_bf16_inputs_give_fp32_losses_close_to_fp32():
+    outputs, targets = random_outputs()
+    bf16 = {"pred_logits": outputs["pred_logits"].bfloat16().requires_grad_(),
+            "pred_boxes": outputs["pred_boxes"].bfloat16().requires_grad_()}
+    upcast = {k: v.detach().float() for k, v in bf16.items()}
+    criterion = SetCriterion(3, HungarianMatcher())
+    low, full = criterion(bf16, targets), criterion(upcast, targets)
+    for key in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert low[key].dtype == torch.float32
+        assert low[key].item() == pytest.approx(full[key].item(), rel=1e-6)
+    SetCriterion.weighted_total(low, LossWeights()).backward()
+    assert bf16["pred_logits"].grad.dtype == torch.bfloat16
+
+
+def test_mismatched_heads_raise_clear_errors():
+    outputs, targets = random_outputs(num_classes=3)
+    with pytest.raises(ValueError, match="has 3 classes, expected 4"):
+        SetCriterion(3, HungarianMatcher(focal=False), focal=False)(outputs, targets)
+    with pytest.raises(ValueError, match="same classification head"):
+        SetCriterion(3, HungarianMatcher(focal=True), focal=False)
+    with pytest.raises(ValueError, match="eos_coef"):
+        CriterionConfig(eos_coef=2.0)
+
+
+def test_build_criterion_from_yaml_like_dicts():
+    cfg = CriterionConfig(matcher={"focal": False, "cost_class": 1.0}, weights={"ce": 1.0})
+    criterion = build_criterion(cfg, num_classes=4)
+    assert not criterion.focal and criterion.empty_weight.tolist() == pytest.approx([1, 1, 1, 1, 0.1])
+    assert cfg.weights.as_dict()["loss_ce"] == 1.0
+
+
+def test_num_boxes_is_clamped_and_local_without_distributed():
+    targets = [{"labels": torch.zeros(3)}, {"labels": torch.zeros(2)}]
+    assert average_num_boxes(targets, torch.device("cpu")).item() == 5.0
+    assert average_num_boxes([{"labels": torch.zeros(0)}], torch.device("cpu")).item() == 1.0
+
+
+def test_label_smoothing_cross_entropy_by_hand():
+    logits, label, s = [1.0, 2.0, 0.5], 1, 0.1
+    log_sum_exp = math.log(sum(math.exp(v) for v in logits))
+    log_p = [v - log_sum_exp for v in logits]
+    expected = -((1 - s) * log_p[label] + s / 3 * sum(log_p))
+    got = label_smoothing_cross_entropy(torch.tensor([logits]), torch.tensor([label]), s)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert ClassificationLoss(0.0)(torch.tensor([logits]), torch.tensor([label])).item() == pytest.approx(-log_p[label])
+
+
+def test_soft_target_cross_entropy_by_hand_and_validation():
+    logits = torch.tensor([[1.0, 2.0, 0.5]])
+    soft = torch.tensor([[0.25, 0.75, 0.0]])
+    expected = -(0.25 * F.log_softmax(logits, -1)[0, 0] + 0.75 * F.log_softmax(logits, -1)[0, 1])
+    assert soft_target_cross_entropy(logits, soft).item() == pytest.approx(expected.item())
+    assert ClassificationLoss()(logits, soft).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ClassificationLoss()(logits, torch.tensor([3]))
