@@ -1,0 +1,417 @@
+#!/usr/bin/env bash
+# A single-node SLURM cluster on localhost for the tests and for trying `detrforge submit`.
+#
+#   launch/slurm/cluster.sh install | up | down | status | purge | env
+#
+# Everything the cluster owns (configuration, spool, logs, pid files, the munge key and socket, a
+# private MariaDB for accounting) lives under one folder: $DETRFORGE_SLURM_HOME, by default
+# .cache/slurm in the repository. Daemons run in the background without systemd. Clients and jobs
+# find the cluster through SLURM_CONF, which `up` prints and launch/slurm/env.sh exports.
+# Every subcommand is idempotent; a daemon is trusted only when the PID in its pid file is alive,
+# has the expected process name and names this cluster's folder in its command line or
+# environment, so stale pid files left by an old machine state are harmless.
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SLURM_HOME=${DETRFORGE_SLURM_HOME:-$REPO_ROOT/.cache/slurm}
+case $SLURM_HOME in /*) ;; *) SLURM_HOME=$PWD/$SLURM_HOME ;; esac
+SLURM_HOME=${SLURM_HOME%/}
+# Ports away from SLURM's defaults (6817-6819) so a system cluster on the same machine is untouched.
+PORT_BASE=${DETRFORGE_SLURM_PORT_BASE:-16817}
+CTLD_PORT=$PORT_BASE
+SLURMD_PORT=$((PORT_BASE + 1))
+DBD_PORT=$((PORT_BASE + 2))
+MARIADB_PORT=$((PORT_BASE + 3))
+CLUSTER_NAME=detrforge
+ACCOUNT=detrforge
+UP_TIMEOUT_S=${DETRFORGE_SLURM_UP_TIMEOUT_S:-90}
+
+ETC=$SLURM_HOME/etc
+RUN=$SLURM_HOME/run
+LOG=$SLURM_HOME/log
+MUNGE_DIR=$SLURM_HOME/munge
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket
+MARIADB_DIR=$SLURM_HOME/mariadb
+MARIADB_SOCKET=$MARIADB_DIR/mariadbd.sock
+MARKER=$SLURM_HOME/.detrforge-slurm-home
+export SLURM_CONF=$ETC/slurm.conf
+# Debian installs the daemons in /usr/sbin, which a non-login shell may not have on its PATH.
+export PATH=$PATH:/usr/sbin:/sbin
+
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+DAEMONS_START_ORDER=(munged mariadbd slurmdbd slurmctld slurmd)
+
+log() { echo "cluster.sh: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes
+
+pid_file() { echo "$RUN/$1.pid"; }
+
+# Is PID alive, called NAME, and does it belong to this cluster's folder?
+pid_is_ours() {
+    local pid=$1 name=$2
+    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/comm ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 1
+    cat "/proc/$pid/cmdline" "/proc/$pid/environ" 2>/dev/null | tr '\0' '\n' \
+        | grep -qF -- "$SLURM_HOME/"
+}
+
+# Prints the PID of our running daemon NAME (from its pid file) or fails.
+daemon_pid() {
+    local name=$1 file pid
+    file=$(pid_file "$name")
+    [[ -f $file ]] || return 1
+    pid=$(tr -dc '0-9' <"$file")
+    pid_is_ours "$pid" "$name" && echo "$pid"
+}
+
+wait_gone() {  # PID SECONDS
+    local pid=$1 deadline=$((SECONDS + $2))
+    while [[ -d /proc/$pid ]] && ((SECONDS < deadline)); do sleep 0.2; done
+    [[ ! -d /proc/$pid ]]
+}
+
+# Stops the named daemons together: TERM to each, then KILL to any still alive after 15 s.
+stop_daemons() {
+    local name pid pids=()
+    for name in "$@"; do
+        if pid=$(daemon_pid "$name"); then
+            log "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+        fi
+        rm -f "$(pid_file "$name")"
+    done
+    for pid in "${pids[@]}"; do
+        wait_gone "$pid" 15 || { log "pid $pid did not stop, killing it"; kill -KILL "$pid" 2>/dev/null || true; }
+    done
+}
+
+# PIDs of this process and its ancestors: they may carry SLURM_CONF (a shell that sourced env.sh)
+# and must never be swept.
+own_lineage() {
+    local pid=$$
+    while [[ $pid -gt 1 ]]; do
+        echo "$pid"
+        pid=$(awk '/^PPid:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 1)
+    done
+}
+
+# Job processes (and step daemons) left behind after the daemons stopped: their environment names
+# this cluster's SLURM_CONF and a job id, or they are a slurmstepd started by our slurmd.
+sweep_job_processes() {
+    local lineage pid env comm found=()
+    lineage=" $(own_lineage | tr '\n' ' ') "
+    for dir in /proc/[0-9]*; do
+        pid=${dir#/proc/}
+        [[ $lineage == *" $pid "* ]] && continue
+        env=$(tr '\0' '\n' 2>/dev/null <"$dir/environ") || continue
+        grep -qxF "SLURM_CONF=$SLURM_CONF" <<<"$env" || continue
+        comm=$(cat "$dir/comm" 2>/dev/null || true)
+        if [[ $comm == slurmstepd ]] || grep -q '^SLURM_JOB_ID=' <<<"$env"; then found+=("$pid"); fi
+    done
+    ((${#found[@]})) || return 0
+    log "stopping ${#found[@]} leftover job process(es): ${found[*]}"
+    kill -TERM "${found[@]}" 2>/dev/null || true
+    sleep 2
+    kill -KILL "${found[@]}" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- install
+
+is_installed() {
+    local cmd
+    for cmd in slurmctld slurmd slurmdbd sinfo sbatch munged mariadbd mariadb-install-db; do
+        command -v "$cmd" >/dev/null || return 1
+    done
+}
+
+cmd_install() {
+    if is_installed; then log "packages already installed"; return 0; fi
+    [[ $(id -u) == 0 ]] || die "installing needs root: run 'apt-get install ${PACKAGES[*]}' as root, then rerun"
+    local policy=/usr/sbin/policy-rc.d created_policy=0
+    # Without it the packages' scripts try to start system-wide daemons, which we do not want.
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && created_policy=1
+    fi
+    local rc=0
+    if ! apt-cache show slurmctld >/dev/null 2>&1; then apt-get update -qq || rc=$?; fi
+    ((rc)) || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${PACKAGES[@]}" >/dev/null || rc=$?
+    if ((created_policy)); then rm -f "$policy"; fi
+    ((rc == 0)) || die "apt-get failed (exit $rc) installing ${PACKAGES[*]}"
+    is_installed || die "apt-get finished but the SLURM/munge/MariaDB commands are still missing"
+    log "installed ${PACKAGES[*]}"
+}
+
+# ---------------------------------------------------------------- configuration
+
+real_memory_mb() { awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo; }
+
+write_slurm_conf() {
+    cat <<EOF
+# Generated by launch/slurm/cluster.sh: a single-node test cluster; edits are overwritten.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$(hostname -s)(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Without cred_expire a requeued job waits ~120 s before it may run again.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+StateSaveLocation=$SLURM_HOME/spool/slurmctld
+SlurmdSpoolDir=$SLURM_HOME/spool/slurmd
+SlurmctldPidFile=$RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd.log
+# No systemd and no cgroup setup: track job processes through /proc.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+# Requeued and dependent jobs start within seconds instead of tens of seconds.
+SchedulerParameters=bf_interval=1,sched_interval=2
+# A stage whose parent failed is cancelled instead of pending for ever.
+DependencyParameters=kill_invalid_depend
+KillWait=5
+InactiveLimit=0
+MinJobAge=300
+ReturnToService=2
+MailProg=/bin/true
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+# The link to slurmdbd ignores AuthInfo; this is where it finds munge.
+AccountingStoragePass=$MUNGE_SOCKET
+AccountingStorageTRES=gres/gpu
+# The node may advertise more CPUs than the machine has, so a 2-task job and others coexist.
+SlurmdParameters=config_overrides
+GresTypes=gpu
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=4 Sockets=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=$(real_memory_mb) Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
+# Jobs here preempt (requeue, SIGTERM first) jobs of 'debug': for preemption tests.
+PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2
+EOF
+}
+
+write_gres_conf() {
+    # Fake GPUs: schedulable with --gpus-per-node and they set CUDA_VISIBLE_DEVICES.
+    echo "NodeName=localhost Name=gpu File=/dev/null Count=1"
+    echo "NodeName=localhost Name=gpu File=/dev/zero Count=1"
+}
+
+write_slurmdbd_conf() {
+    cat <<EOF
+# Generated by launch/slurm/cluster.sh.
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$RUN/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$MARIADB_PORT
+StorageUser=slurm
+StoragePass=detrforge
+StorageLoc=slurm_acct_db
+EOF
+}
+
+# Writes FILE from stdin; returns 0 when its content changed.
+replace_if_changed() {
+    local file=$1 tmp
+    tmp=$(mktemp "$file.XXXXXX")
+    cat >"$tmp"
+    if [[ -f $file ]] && cmp -s "$tmp" "$file"; then rm -f "$tmp"; return 1; fi
+    mv -f "$tmp" "$file"
+}
+
+prepare_folder() {
+    if [[ -d $SLURM_HOME && ! -e $MARKER && -n $(ls -A "$SLURM_HOME") ]]; then
+        die "$SLURM_HOME exists, is not empty and was not made by this script; set DETRFORGE_SLURM_HOME to another folder"
+    fi
+    mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE_DIR" "$MARIADB_DIR" "$SLURM_HOME/spool/slurmctld" "$SLURM_HOME/spool/slurmd"
+    touch "$MARKER"
+    # munged refuses folders that others may write to.
+    chmod 755 "$SLURM_HOME" "$ETC" "$RUN" "$LOG" && chmod 700 "$MUNGE_DIR"
+    local changed=0
+    write_slurm_conf | replace_if_changed "$ETC/slurm.conf" && changed=1
+    write_gres_conf | replace_if_changed "$ETC/gres.conf" && changed=1
+    write_slurmdbd_conf | replace_if_changed "$ETC/slurmdbd.conf" && changed=1
+    chmod 600 "$ETC/slurmdbd.conf"
+    if ((changed)) && daemon_pid slurmctld >/dev/null; then
+        log "configuration changed: restarting the daemons"
+        stop_all_daemons
+    fi
+}
+
+# ---------------------------------------------------------------- starting
+
+start_munged() {
+    [[ -f $MUNGE_DIR/munge.key ]] || {
+        dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
+        chmod 400 "$MUNGE_DIR/munge.key"
+    }
+    # --force: a socket left by a killed munged would otherwise block the start.
+    munged --force --key-file="$MUNGE_DIR/munge.key" --socket="$MUNGE_SOCKET" \
+        --pid-file="$(pid_file munged)" --log-file="$LOG/munged.log" \
+        --seed-file="$MUNGE_DIR/munged.seed" </dev/null >>"$LOG/munged.log" 2>&1
+}
+
+mariadb_sql() { mariadb --no-defaults --socket="$MARIADB_SOCKET" -u root -N -e "$1"; }
+
+start_mariadbd() {
+    local data=$MARIADB_DIR/data
+    if [[ ! -d $data/mysql ]]; then
+        rm -rf "$data"
+        mariadb-install-db --no-defaults --datadir="$data" --user=root --skip-test-db \
+            --auth-root-authentication-method=socket >>"$LOG/mariadb-install.log" 2>&1 \
+            || die "mariadb-install-db failed, see $LOG/mariadb-install.log"
+    fi
+    setsid mariadbd --no-defaults --datadir="$data" --socket="$MARIADB_SOCKET" \
+        --port="$MARIADB_PORT" --bind-address=127.0.0.1 --skip-name-resolve --user=root \
+        --pid-file="$(pid_file mariadbd)" --log-error="$LOG/mariadbd.log" \
+        --innodb-buffer-pool-size=32M --max-connections=40 </dev/null >>"$LOG/mariadbd.log" 2>&1 &
+    wait_for "MariaDB" 60 mariadb_sql "SELECT 1"
+    mariadb_sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'detrforge';
+                 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+}
+
+start_slurmdbd() { slurmdbd </dev/null >>"$LOG/slurmdbd.log" 2>&1; wait_for "slurmdbd" 60 sacctmgr -n -P list cluster; }
+start_slurmctld() { slurmctld -f "$SLURM_CONF" </dev/null >>"$LOG/slurmctld.log" 2>&1; }
+start_slurmd() { slurmd -f "$SLURM_CONF" -N localhost </dev/null >>"$LOG/slurmd.log" 2>&1; }
+
+wait_for() {  # WHAT SECONDS COMMAND...
+    local what=$1 deadline=$((SECONDS + $2))
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "$what not ready after ${deadline}s; see the logs in $LOG"
+        sleep 0.5
+    done
+}
+
+ensure_daemon() {
+    local name=$1 pid
+    if pid=$(daemon_pid "$name"); then return 0; fi
+    rm -f "$(pid_file "$name")"
+    log "starting $name"
+    "start_$name"
+    wait_for "$name pid file" 30 daemon_pid "$name"
+}
+
+# The cluster and an account in slurmdbd, so sacct (which submitit relies on) knows every job.
+register_accounting() {
+    sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER_NAME" \
+        || sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
+    sacctmgr -n -P list account format=account | grep -qx "$ACCOUNT" \
+        || sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER_NAME" description=tests organization=detrforge >/dev/null
+    sacctmgr -n -P list association where user=root account="$ACCOUNT" format=user | grep -qx root \
+        || sacctmgr -i add user root account="$ACCOUNT" cluster="$CLUSTER_NAME" >/dev/null
+}
+
+node_state() { sinfo -h -n localhost -o %T 2>/dev/null | head -n1; }
+
+wait_node_ready() {
+    local deadline=$((SECONDS + UP_TIMEOUT_S)) state resumed=0
+    while :; do
+        state=$(node_state || true)
+        case $state in idle | mixed | allocated | completing) return 0 ;; esac
+        # A node remembered as down or drained from an old state: put it back in service.
+        if [[ $state =~ ^(down|drain) ]] && ((!resumed)); then
+            scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
+            resumed=1
+        fi
+        ((SECONDS < deadline)) || die "node 'localhost' is '${state:-unknown}' after ${UP_TIMEOUT_S}s; see $LOG/slurmctld.log and $LOG/slurmd.log"
+        sleep 0.5
+    done
+}
+
+cmd_up() {
+    cmd_install
+    prepare_folder
+    local name
+    for name in munged mariadbd slurmdbd; do ensure_daemon "$name"; done
+    register_accounting
+    for name in slurmctld slurmd; do ensure_daemon "$name"; done
+    wait_node_ready
+    log "cluster up: node localhost is $(node_state)"
+    echo "export SLURM_CONF=$SLURM_CONF"
+}
+
+# ---------------------------------------------------------------- stopping
+
+# slurmctld saves its state through slurmdbd, which writes to MariaDB; all of them need munge.
+stop_all_daemons() {
+    stop_daemons slurmd slurmctld
+    stop_daemons slurmdbd
+    stop_daemons mariadbd munged
+}
+
+cancel_jobs() {
+    daemon_pid slurmctld >/dev/null || return 0
+    local jobs
+    jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ') || return 0
+    [[ -n ${jobs// /} ]] || return 0
+    log "cancelling jobs: $jobs"
+    # shellcheck disable=SC2086
+    scancel $jobs 2>/dev/null || true
+    local deadline=$((SECONDS + 20))
+    while [[ -n $(squeue -h -o %A 2>/dev/null) ]] && ((SECONDS < deadline)); do sleep 0.5; done
+}
+
+cmd_down() {
+    [[ -d $SLURM_HOME ]] || { log "nothing to stop: $SLURM_HOME does not exist"; return 0; }
+    cancel_jobs
+    stop_all_daemons
+    sweep_job_processes
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock" "$MARIADB_SOCKET"
+    log "cluster down"
+}
+
+cmd_status() {
+    local name pid rc=0
+    echo "SLURM_CONF=$SLURM_CONF"
+    for name in "${DAEMONS_START_ORDER[@]}"; do
+        if pid=$(daemon_pid "$name"); then echo "$name: running (pid $pid)"; else echo "$name: stopped"; rc=1; fi
+    done
+    if ((rc == 0)); then
+        sinfo -N -o "%N %P %T %C %G" || rc=1
+        squeue -o "%i %P %j %T %r" || rc=1
+    fi
+    return $rc
+}
+
+cmd_purge() {
+    cmd_down
+    if [[ -d $SLURM_HOME ]]; then
+        [[ -e $MARKER ]] || die "$SLURM_HOME was not made by this script; not removing it"
+        rm -rf -- "$SLURM_HOME"
+        log "removed $SLURM_HOME"
+    fi
+}
+
+main() {
+    case ${1:-} in
+    install) cmd_install ;;
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    purge) cmd_purge ;;
+    env) echo "export SLURM_CONF=$SLURM_CONF" ;;
+    *) echo "usage: $0 install|up|down|status|purge|env   (state in \$DETRFORGE_SLURM_HOME, default .cache/slurm)" >&2; exit 2 ;;
+    esac
+}
+
+main "$@"
