@@ -1,0 +1,170 @@
+"""COCO evaluation, detection post-processing and top-k accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.eval import (
+    COCO_METRIC_NAMES,
+    CocoEvaluator,
+    TopKAccuracy,
+    postprocess_detections,
+    topk_accuracy,
+)
+
+# Two images; category ids 3 and 7 (not contiguous) map to the model's labels 0 and 1.
+IMAGES = [{"id": 11, "width": 200, "height": 100}, {"id": 12, "width": 120, "height": 160}]
+GT_BOXES = {  # image id -> [(category id, COCO xywh)], small (<32^2), medium and large objects
+    11: [(3, [10.0, 10.0, 20.0, 15.0]), (7, [60.0, 20.0, 50.0, 40.0])],
+    12: [(3, [5.0, 30.0, 100.0, 120.0]), (7, [70.0, 5.0, 30.0, 25.0])],
+}
+LABELS = [3, 7]
+
+
+def write_gt(tmp_path):
+    objects = [(image_id, cat, box) for image_id, objs in GT_BOXES.items() for cat, box in objs]
+    annotations = [{"id": i + 1, "image_id": image_id, "category_id": cat, "bbox": box,
+                    "area": box[2] * box[3], "iscrowd": 0} for i, (image_id, cat, box) in enumerate(objects)]
+    data = {"images": IMAGES, "annotations": annotations,
+            "categories": [{"id": 3, "name": "disc"}, {"id": 7, "name": "bar"}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def detections_from_gt(shift: float = 0.0, score: float = 0.9):
+    """Detections equal to the ground truth (moved right by ``shift`` pixels), in update format."""
+    out = []
+    for objs in GT_BOXES.values():
+        boxes = torch.tensor([[x + shift, y, x + shift + w, y + h] for _, (x, y, w, h) in objs])
+        out.append({"scores": torch.full((len(objs),), score),
+                    "labels": torch.tensor([LABELS.index(cat) for cat, _ in objs]), "boxes": boxes})
+    return out
+
+
+def test_perfect_detections_give_ap_one_and_all_twelve_keys(tmp_path):
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    evaluator.update(list(GT_BOXES), detections_from_gt())
+    metrics = evaluator.summarize()
+    assert list(metrics) == list(COCO_METRIC_NAMES) and len(metrics) == 12
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR100"):
+        assert metrics[key] == pytest.approx(1.0), key
+    assert "Average Precision" in evaluator.summary_text
+
+
+def test_shifted_detections_score_lower(tmp_path):
+    evaluator = CocoEvaluator(write_gt(tmp_path), {0: 3, 1: 7})
+    evaluator.update(torch.tensor(list(GT_BOXES)), detections_from_gt(shift=6.0))
+    metrics = evaluator.summarize()
+    assert 0.0 < metrics["AP"] < 1.0 and metrics["APs"] < metrics["APl"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_empty_results_give_zero_ap(tmp_path):
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    assert evaluator.summarize()["AP"] == 0.0  # nothing updated at all
+    empty = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    evaluator.update([11, 12], [empty, empty])
+    metrics = evaluator.summarize()
+    assert metrics["AP"] == 0.0 and metrics["AR100"] == 0.0
+
+
+def test_image_without_detections_among_others_counts_its_misses(tmp_path):
+    detections = detections_from_gt()
+    detections[1] = {k: v[:0] for k, v in detections[1].items()}
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    evaluator.update(list(GT_BOXES), detections)
+    assert evaluator.summarize()["AR100"] == pytest.approx(0.5)  # half the objects of each class found
+
+
+def test_results_json_and_duplicate_images(tmp_path):
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    evaluator.update(list(GT_BOXES), detections_from_gt())
+    evaluator.update([11], detections_from_gt(shift=50.0)[:1])  # a padded sampler repeats image 11
+    records = json.loads(evaluator.results_json(tmp_path / "out" / "results.json").read_text())
+    assert len(records) == 4
+    first = next(r for r in records if r["image_id"] == 11 and r["category_id"] == 7)
+    assert first["bbox"] == pytest.approx([60.0, 20.0, 50.0, 40.0]) and first["score"] == pytest.approx(0.9)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    gt = write_gt(tmp_path)
+    with pytest.raises(ValueError, match="not in the annotation file"):
+        CocoEvaluator(gt, [3, 5])
+    evaluator = CocoEvaluator(gt, LABELS)
+    with pytest.raises(ValueError, match="image id 99"):
+        evaluator.update([99], detections_from_gt()[:1])
+    bad = detections_from_gt()[:1]
+    bad[0]["labels"] = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"labels \[2\] have no category id"):
+        evaluator.update([11], bad)
+    with pytest.raises(FileNotFoundError):
+        CocoEvaluator(tmp_path / "missing.json", LABELS)
+
+
+def test_gather_without_distributed_keeps_everything(tmp_path):
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    evaluator.update(list(GT_BOXES), detections_from_gt())
+    assert evaluator.gather() is True and len(evaluator.records) == 4
+
+
+def test_postprocess_focal_top_k_and_absolute_boxes():
+    logits = torch.full((2, 3, 4), -5.0)
+    logits[0, 2, 1] = 3.0  # best pair of image 0: query 2, class 1
+    logits[1, 0, 3] = 2.0
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(2, 3, 1)
+    boxes[0, 2] = torch.tensor([0.25, 0.5, 0.5, 0.2])
+    sizes = torch.tensor([[100, 200], [50, 80]])  # (h, w)
+    results = postprocess_detections({"pred_logits": logits, "pred_boxes": boxes}, sizes, focal=True, top_k=5)
+    assert [r["scores"].shape for r in results] == [(5,), (5,)]
+    assert results[0]["labels"][0] == 1 and results[0]["scores"][0] == pytest.approx(1 / (1 + math.exp(-3.0)))
+    assert results[0]["boxes"][0].tolist() == pytest.approx([0.0, 40.0, 100.0, 60.0])  # x by w, y by h
+    assert results[1]["labels"][0] == 3 and results[1]["boxes"][0].tolist() == pytest.approx([32.0, 15.0, 48.0, 35.0])
+    assert all(bool((r["scores"][:-1] >= r["scores"][1:]).all()) for r in results)
+    many = postprocess_detections({"pred_logits": logits, "pred_boxes": boxes}, sizes, focal=True)
+    assert many[0]["scores"].shape == (12,)  # top_k=100 capped at Q * C
+
+
+def test_postprocess_softmax_ignores_no_object():
+    logits = torch.tensor([[[0.0, 1.0, 9.0], [2.0, 0.0, 0.0], [0.0, 0.5, 0.0]]])  # last = no-object
+    boxes = torch.rand(1, 3, 4)
+    (result,) = postprocess_detections({"pred_logits": logits, "pred_boxes": boxes},
+                                       torch.tensor([[10, 10]]), focal=False, top_k=2)
+    assert result["labels"].tolist() == [0, 1]  # queries 1 and 2; no label 2 (no-object)
+    assert result["scores"][0] == pytest.approx(logits[0, 1].softmax(-1)[0].item())
+    with pytest.raises(ValueError, match="target_sizes"):
+        postprocess_detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([10, 10]), focal=False)
+
+
+def test_postprocess_then_coco_on_exact_boxes_gives_ap_one(tmp_path):
+    logits = torch.full((2, 4, 2), -6.0)
+    boxes = torch.full((2, 4, 4), 0.5)
+    for b, (image, objs) in enumerate(zip(IMAGES, GT_BOXES.values())):
+        for q, (cat, (x, y, w, h)) in enumerate(objs):
+            logits[b, q, LABELS.index(cat)] = 4.0
+            boxes[b, q] = torch.tensor([(x + w / 2) / image["width"], (y + h / 2) / image["height"],
+                                        w / image["width"], h / image["height"]])
+    sizes = torch.tensor([[image["height"], image["width"]] for image in IMAGES])
+    detections = postprocess_detections({"pred_logits": logits, "pred_boxes": boxes}, sizes, focal=True)
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    evaluator.update([image["id"] for image in IMAGES], detections)
+    assert evaluator.summarize()["AP"] == pytest.approx(1.0)
+
+
+def test_topk_accuracy_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0],
+                           [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],
+                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+    labels = torch.tensor([1, 1, 0])  # top-1 hit; rank 6 (miss in top-5); rank 6 (miss)
+    assert topk_accuracy(logits, labels) == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(1 / 3)}
+    labels = torch.tensor([1, 2, 5])
+    assert topk_accuracy(logits, labels) == {"top1": pytest.approx(2 / 3), "top5": pytest.approx(1.0)}
+    meter = TopKAccuracy(ks=(1, 5))
+    meter.update(logits[:2], labels[:2])
+    meter.update(logits[2:], labels[2:])
+    assert meter.compute() == {"top1": pytest.approx(2 / 3), "top5": pytest.approx(1.0)}
+    assert topk_accuracy(logits[:, :3], labels.clamp(max=2), ks=(1, 5))["top5"] == 1.0  # k capped at K
