@@ -1,0 +1,222 @@
+"""Model registry: register a stage's export, list versions, move aliases, fetch a model by URI.
+
+An export folder (`model.safetensors` + `meta.json`) is logged as plain artifacts of the stage's
+run under `export/` and registered as a model version whose source is that folder. MLflow keeps
+the alias `latest` for itself: it always means the newest version, so it is never set, only
+resolved (`models:/name@latest`) and shown by `list_models` on the newest version.
+MLflow is reached through `pipeline.tracking` (the library's only module that imports it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking import MlflowTracker, Tracker, import_mlflow, mlflow_client
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILES = ("model.safetensors", "meta.json")
+EXPORT_ARTIFACT_PATH = "export"
+LATEST_ALIAS = "latest"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be served (unknown model or alias, bad export folder...)."""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One registered model version, as `detrforge registry list` prints it."""
+
+    name: str  # registered model name, `<pipeline>.<stage>`
+    version: int  # MLflow version number, 1 for the first registration
+    aliases: tuple[str, ...]  # e.g. ("latest", "production")
+    tags: dict[str, str] = field(default_factory=dict)  # config hash, git commit, data fingerprint
+    run_id: str | None = None  # run that produced the export
+    source: str = ""  # artifact URI of the export folder
+
+
+def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
+    """`models:/<name>@<alias>` -> (name, None, alias); `models:/<name>/<version>` -> (name, version, None)."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        raise RegistryError(
+            f"pipeline/registry.py: {uri!r} is not a model URI; write models:/<name>@<alias> "
+            "or models:/<name>/<version>"
+        )
+    version = match["version"]
+    return match["name"], int(version) if version else None, match["alias"]
+
+
+def _check_export(export_dir: Path) -> None:
+    missing = [name for name in EXPORT_FILES if not (export_dir / name).is_file()]
+    if missing:
+        raise RegistryError(
+            f"pipeline/registry.py: export folder {export_dir} lacks {', '.join(missing)}; "
+            "export the model (checkpoint export) before registering it"
+        )
+
+
+def _run_of(tracker_or_run_id: Tracker | str, tracking_uri: str | None) -> tuple[str | None, str]:
+    """(run id, tracking URI) of a tracker or of a run id plus its tracking URI."""
+    if isinstance(tracker_or_run_id, str):
+        if tracking_uri is None:
+            raise RegistryError("pipeline/registry.py: a run id needs its tracking_uri")
+        return tracker_or_run_id, tracking_uri
+    if not isinstance(tracker_or_run_id, MlflowTracker):
+        return None, ""  # ranks > 0 and disabled tracking register nothing
+    # The run must exist and hold everything logged before the export.
+    tracker_or_run_id.flush(timeout_s=tracker_or_run_id.cfg.finish_timeout_s)
+    return tracker_or_run_id.run_id, tracking_uri or tracker_or_run_id.tracking_uri
+
+
+def register_model(
+    tracker_or_run_id: Tracker | str,
+    export_dir: str | Path,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    aliases: Iterable[str] = (LATEST_ALIAS,),
+    tracking_uri: str | None = None,
+    strict: bool = True,
+) -> int | None:
+    """Log export_dir under the run's `export/` artifacts and register it as a new version of name.
+
+    Returns the version number; None for a tracker that does not log (rank > 0, tracking off).
+    strict=False turns a failure (server down...) into a warning and None, for callers that must
+    finish anyway; the export stays on disk and can be registered later.
+    """
+    export_dir = Path(export_dir)
+    _check_export(export_dir)
+    run_id, uri = _run_of(tracker_or_run_id, tracking_uri)
+    if not uri:
+        return None
+    try:
+        if run_id is None:
+            raise RegistryError(f"pipeline/registry.py: no MLflow run was created at {uri}")
+        return _register(mlflow_client(uri), run_id, export_dir, name, tags or {}, tuple(aliases))
+    except Exception as err:
+        if strict:
+            raise
+        log.warning("registry: %s was not registered (%s); the export stays in %s", name, err, export_dir)
+        return None
+
+
+def _free_artifact_path(client, run_id: str) -> str:
+    """`export`, or `export_<k>` when this run registered before: a version's files never change."""
+    taken = {Path(info.path).name for info in client.list_artifacts(run_id)}
+    path, k = EXPORT_ARTIFACT_PATH, 1
+    while path in taken:
+        k += 1
+        path = f"{EXPORT_ARTIFACT_PATH}_{k}"
+    return path
+
+
+def _register(client, run_id: str, export_dir: Path, name: str, tags: Mapping, aliases: tuple) -> int:
+    artifact_path = _free_artifact_path(client, run_id)
+    client.log_artifacts(run_id, str(export_dir), artifact_path=artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    try:
+        client.create_registered_model(name)
+    except Exception as err:
+        if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    str_tags = {str(k): str(v) for k, v in tags.items()}
+    version = client.create_model_version(name, source, run_id=run_id, tags=str_tags).version
+    for alias in aliases:
+        if alias.lower() != LATEST_ALIAS:  # MLflow resolves `latest` itself
+            client.set_registered_model_alias(name, alias, str(version))
+    return int(version)
+
+
+def list_models(tracking_uri: str) -> list[ModelRow]:
+    """Every version of every registered model, sorted by name then version."""
+    client = mlflow_client(tracking_uri)
+    # search_model_versions leaves ModelVersion.aliases empty; registered models carry them.
+    aliases: dict[tuple[str, int], list[str]] = {}
+    for model in _all_pages(client.search_registered_models):
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault((model.name, int(version)), []).append(alias)
+    versions = _all_pages(client.search_model_versions)
+    newest: dict[str, int] = {}
+    for mv in versions:
+        newest[mv.name] = max(newest.get(mv.name, 0), int(mv.version))
+    rows = [
+        _row(mv, aliases.get((mv.name, int(mv.version)), []), int(mv.version) == newest[mv.name])
+        for mv in versions
+    ]
+    return sorted(rows, key=lambda row: (row.name, row.version))
+
+
+def _all_pages(search) -> list:
+    results, token = [], None
+    while True:
+        page = search(max_results=1000, page_token=token)
+        results.extend(page)
+        token = page.token
+        if not token:
+            return results
+
+
+def _row(mv, aliases: list[str], is_newest: bool) -> ModelRow:
+    return ModelRow(
+        name=mv.name,
+        version=int(mv.version),
+        aliases=((LATEST_ALIAS,) if is_newest else ()) + tuple(sorted(aliases)),
+        tags=dict(mv.tags or {}),
+        run_id=mv.run_id,
+        source=mv.source,
+    )
+
+
+def promote(tracking_uri: str, name: str, version: int | str, alias: str) -> None:
+    """Point alias (e.g. `production`) of model name at version."""
+    if alias.lower() == LATEST_ALIAS:
+        raise RegistryError(
+            "pipeline/registry.py: MLflow reserves the alias 'latest' for the newest version; "
+            "promote to another alias (e.g. production, staging)"
+        )
+    client = mlflow_client(tracking_uri)
+    _model_version(client, name, version=int(version), alias=None)
+    client.set_registered_model_alias(name, alias, str(int(version)))
+
+
+def _model_version(client, name: str, version: int | None, alias: str | None):
+    """The ModelVersion for a version number or an alias, or a RegistryError saying what exists."""
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
+    except Exception as err:
+        if getattr(err, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        wanted = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise RegistryError(
+            f"pipeline/registry.py: model {name!r} has no {wanted}; see `detrforge registry list`"
+        ) from err
+
+
+def resolve_model_uri(uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """Download the export behind `models:/<name>@<alias>` or `models:/<name>/<version>`.
+
+    Returns the local folder holding model.safetensors and meta.json (under dst).
+    """
+    name, version, alias = parse_model_uri(uri)
+    mv = _model_version(mlflow_client(tracking_uri), name, version, alias)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    mlflow = import_mlflow()
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri
+    )
+    local = Path(local)
+    try:
+        _check_export(local)
+    except RegistryError as err:
+        raise RegistryError(f"pipeline/registry.py: {uri} (version {mv.version}) is not an export: {err}") from err
+    return local
