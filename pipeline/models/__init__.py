@@ -1,0 +1,14 @@
+"""Detection models: timm backbones, deformable / vanilla transformers, DETR heads."""
+
+from pipeline.models.backbone import Backbone, BackboneConfig, build_backbone
+from pipeline.models.detr import DETR, DeformableDETR, DetectorConfig, build_detector
+
+__all__ = [
+    "DETR",
+    "Backbone",
+    "BackboneConfig",
+    "DeformableDETR",
+    "DetectorConfig",
+    "build_backbone",
+    "build_detector",
+]

@@ -1,0 +1,284 @@
+"""Deformable DETR transformer: deformable encoder, decoder with optional iterative box
+refinement, optional two-stage proposals (Zhu et al. 2021).
+
+Module and parameter names follow the official implementation (``encoder.layers.N.self_attn``,
+``decoder.layers.N.cross_attn``, ``level_embed``, ``reference_points``, ``enc_output``,
+``pos_trans``) so its weights map one to one (``pipeline/models/interop.py``). The class and box
+heads belong to the detector and are passed to ``forward``, never registered here twice.
+
+Shapes: B batch, S = sum of h_l * w_l tokens over L levels, C = d_model, Q queries.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.ops import MSDeformAttn
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x) with x clamped away from 0 and 1 so the result stays finite."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _clones(module: nn.Module, count: int) -> nn.ModuleList:
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: deformable self-attention over all levels, then the FFN."""
+
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor, padding_mask: Tensor) -> Tensor:
+        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) -> (B, S, C)."""
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
+        src = self.norm1(src + self.dropout1(attended))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm layer: query self-attention, deformable cross-attention, FFN."""
+
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+        spatial_shapes: Tensor, memory_padding_mask: Tensor,
+    ) -> Tensor:
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2|4); memory (B, S, C) -> (B, Q, C)."""
+        q = k = tgt + query_pos
+        attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(attended))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+
+    @staticmethod
+    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, normalised to the valid area -> (B, S, L, 2)."""
+        points = []
+        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                indexing="ij",
+            )
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
+            points.append(torch.stack((xs, ys), -1))
+        reference = torch.cat(points, 1)
+        return reference[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src: Tensor, spatial_shapes: Tensor, valid_ratios: Tensor, pos: Tensor, padding_mask: Tensor) -> Tensor:
+        reference = self.reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference, spatial_shapes, padding_mask)
+        return src
+
+
+class DeformableDecoder(nn.Module):
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+
+    def forward(
+        self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+        valid_ratios: Tensor, query_pos: Tensor, memory_padding_mask: Tensor,
+        bbox_embed: nn.ModuleList | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """-> hidden states (num_layers, B, Q, C), each layer's input reference (B, Q, 2|4).
+
+        With ``bbox_embed`` (iterative refinement), each layer's box prediction becomes the next
+        layer's reference, detached as in the paper.
+        """
+        hidden, references = [], []
+        for index, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                scaled = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                scaled = reference_points[:, :, None] * valid_ratios[:, None]
+            tgt = layer(tgt, query_pos, scaled, memory, spatial_shapes, memory_padding_mask)
+            hidden.append(tgt)
+            references.append(reference_points)
+            if bbox_embed is not None:
+                delta = bbox_embed[index](tgt)
+                if reference_points.shape[-1] == 4:
+                    refined = delta + inverse_sigmoid(reference_points)
+                else:
+                    # point references become boxes after the first refinement, as the official code
+                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                reference_points = refined.sigmoid().detach()
+        return torch.stack(hidden), references
+
+
+def valid_ratios_of(mask: Tensor) -> Tensor:
+    """(B, h, w) padding mask -> (B, 2) unpadded fraction (x, y) of the map."""
+    _, height, width = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).to(torch.float32)
+    valid_w = (~mask[:, 0, :]).sum(1).to(torch.float32)
+    return torch.stack([valid_w / width, valid_h / height], -1)
+
+
+def proposal_pos_embed(proposals: Tensor, num_pos_feats: int) -> Tensor:
+    """Sine embedding of (B, K, 4) unactivated boxes -> (B, K, 4 * num_pos_feats)."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+    dim_t = 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = proposals.sigmoid() * (2 * math.pi)
+    pos = pos[:, :, :, None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+
+class DeformableTransformer(nn.Module):
+    """Flattens the levels, runs encoder and decoder; queries come from ``query_embed`` (Q, 2C)
+    (position half, content half) or, with ``two_stage``, from the top-k encoder proposals."""
+
+    def __init__(
+        self, d_model: int = 256, n_heads: int = 8, num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
+        num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
+        two_stage: bool = False, two_stage_num_proposals: int = 300,
+    ):
+        super().__init__()
+        self.d_model, self.two_stage = d_model, two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+        enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads, enc_n_points)
+        dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads, dec_n_points)
+        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
+        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for param in self.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embed)
+
+    def flatten_levels(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
+        """Per-level (B, C, h, w) maps -> (B, S, C) tokens, (B, S) mask, (B, S, C) pos + level
+        embedding, spatial_shapes int64 (L, 2), valid_ratios (B, L, 2)."""
+        shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
+        src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
+        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
+        pos_flat = torch.cat(
+            [pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, pos in enumerate(pos_embeds)], 1
+        )
+        valid_ratios = torch.stack([valid_ratios_of(mask) for mask in masks], 1).to(src_flat.dtype)
+        return src_flat, mask_flat, pos_flat, shapes, valid_ratios
+
+    def encoder_proposals(self, memory: Tensor, mask_flat: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor]:
+        """Two-stage: one box proposal per token (its pixel, side 0.05 * 2^level) ->
+        transformed memory (B, S, C), unactivated proposals (B, S, 4) (inf where invalid)."""
+        batch = memory.shape[0]
+        proposals, start = [], 0
+        for level, (h, w) in enumerate(shapes.tolist()):
+            mask = mask_flat[:, start : start + h * w].view(batch, h, w)
+            valid = torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1).to(memory.dtype)
+            ys, xs = torch.meshgrid(
+                torch.arange(h, dtype=memory.dtype, device=memory.device),
+                torch.arange(w, dtype=memory.dtype, device=memory.device),
+                indexing="ij",
+            )
+            grid = (torch.stack([xs, ys], -1)[None] + 0.5) / valid.view(batch, 1, 1, 2)
+            wh = torch.full_like(grid, 0.05 * (2.0**level))
+            proposals.append(torch.cat([grid, wh], -1).view(batch, -1, 4))
+            start += h * w
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = mask_flat.unsqueeze(-1) | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf"))
+        memory = memory.masked_fill(invalid, 0.0)
+        return self.enc_output_norm(self.enc_output(memory)), proposals
+
+    def two_stage_queries(self, memory, mask_flat, shapes, class_embed, bbox_embed):
+        """Top-k encoder proposals -> (query_pos, tgt, reference boxes, enc class, enc coords)."""
+        output_memory, proposals = self.encoder_proposals(memory, mask_flat, shapes)
+        layer = len(self.decoder.layers)  # the extra head after the last decoder layer
+        enc_class = class_embed[layer](output_memory)
+        enc_coord_unact = bbox_embed[layer](output_memory) + proposals
+        topk = min(self.two_stage_num_proposals, enc_class.shape[1])
+        topk_index = torch.topk(enc_class[..., 0], topk, dim=1)[1]
+        coords = torch.gather(enc_coord_unact, 1, topk_index.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        pos_trans = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))
+        query_pos, tgt = torch.split(pos_trans, self.d_model, dim=2)
+        return query_pos, tgt, coords.sigmoid(), enc_class, enc_coord_unact
+
+    def forward(
+        self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
+        query_embed: Tensor | None, class_embed: nn.ModuleList | None = None,
+        bbox_embed: nn.ModuleList | None = None, refine_boxes: bool = False,
+    ) -> dict:
+        """srcs / pos_embeds: per level (B, C, h_l, w_l); masks (B, h_l, w_l); query_embed (Q, 2C).
+
+        Returns "hidden" (layers, B, Q, C), "init_reference" (B, Q, 2|4), "references"
+        (list per layer of (B, Q, 2|4): its input reference; points become boxes after refinement) and, two-stage,
+        "enc_class" (B, S, classes), "enc_coord_unact" (B, S, 4).
+        """
+        src_flat, mask_flat, pos_flat, shapes, valid_ratios = self.flatten_levels(srcs, masks, pos_embeds)
+        memory = self.encoder(src_flat, shapes, valid_ratios, pos_flat, mask_flat)
+        out: dict[str, Tensor] = {}
+        if self.two_stage:
+            query_pos, tgt, reference, out["enc_class"], out["enc_coord_unact"] = self.two_stage_queries(
+                memory, mask_flat, shapes, class_embed, bbox_embed
+            )
+        else:
+            query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
+            query_pos = query_pos.unsqueeze(0).expand(memory.shape[0], -1, -1)
+            tgt = tgt.unsqueeze(0).expand(memory.shape[0], -1, -1)
+            reference = self.reference_points(query_pos).sigmoid()
+        out["init_reference"] = reference
+        out["hidden"], out["references"] = self.decoder(
+            tgt, reference, memory, shapes, valid_ratios, query_pos, mask_flat,
+            bbox_embed if refine_boxes else None,
+        )
+        return out
