@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,36 @@ def test_topk_accuracy_by_hand():
     meter.update(logits[2:], labels[2:])
     assert meter.compute() == {"top1": pytest.approx(2 / 3), "top5": pytest.approx(1.0)}
     assert topk_accuracy(logits[:, :3], labels.clamp(max=2), ks=(1, 5))["top5"] == 1.0  # k capped at K
+
+
+def _gather_worker(rank: int, rendezvous: str, gt_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        evaluator = CocoEvaluator(gt_path, LABELS)
+        # rank 0 sees image 11; rank 1 image 12 and (padding) image 11 again, shifted: ignored
+        ids = [11] if rank == 0 else [12, 11]
+        dets = detections_from_gt()
+        evaluator.update(ids, [dets[0]] if rank == 0 else [dets[1], detections_from_gt(shift=40.0)[0]])
+        meter = TopKAccuracy(ks=(1,))
+        meter.update(torch.eye(3)[: rank + 1], torch.tensor([0, 0][: rank + 1]))  # 1 of 1, 1 of 2
+        result = {"holds_all": evaluator.gather(), "top1": meter.compute()["top1"]}
+        if result["holds_all"]:
+            result["AP"], result["num_records"] = evaluator.summarize()["AP"], len(evaluator.records)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_gather_collects_every_rank_on_rank_zero(tmp_path):
+    import torch.multiprocessing as mp
+
+    gt = write_gt(tmp_path)
+    mp.spawn(_gather_worker, args=(str(tmp_path / "rdzv"), str(gt), str(tmp_path)), nprocs=2)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert first["holds_all"] and not second["holds_all"]
+    assert first["num_records"] == 4 and first["AP"] == pytest.approx(1.0)  # duplicate counted once
+    assert first["top1"] == second["top1"] == pytest.approx(2 / 3)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +222,32 @@ def test_soft_target_cross_entropy_by_hand_and_validation():
     assert ClassificationLoss()(logits, soft).item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match="labels must lie in"):
         ClassificationLoss()(logits, torch.tensor([3]))
+
+
+def _num_boxes_worker(rank: int, rendezvous: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        num_targets = 3 if rank == 0 else 1  # 4 boxes over 2 ranks: every rank divides by 2
+        targets = [{"labels": torch.zeros(num_targets, dtype=torch.int64), "boxes": torch.full((num_targets, 4), 0.5)}]
+        pred = torch.full((1, 4, 4), 0.5)
+        pred[0, :, 0] = 0.6  # each matched box is 0.1 off in L1
+        criterion = SetCriterion(1, FixedMatcher([(list(range(num_targets)), list(range(num_targets)))], True))
+        losses = criterion({"pred_logits": torch.zeros(1, 4, 1), "pred_boxes": pred}, targets)
+        result = {"num_boxes": average_num_boxes(targets, torch.device("cpu")).item(),
+                  "loss_bbox": losses["loss_bbox"].item()}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_num_boxes_is_averaged_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_num_boxes_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["num_boxes"] for r in results] == [2.0, 2.0]
+    assert [r["loss_bbox"] for r in results] == pytest.approx([3 * 0.1 / 2, 1 * 0.1 / 2])
