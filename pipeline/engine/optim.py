@@ -1,0 +1,124 @@
+"""AdamW with parameter groups (backbone lr multiplier, no decay on norms, biases, embeddings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.engine.schedule import SCHEDULES, make_lr_lambda
+
+NO_DECAY_MODULES = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.Embedding, nn.EmbeddingBag,
+)
+# Learned position / query / token embeddings kept as bare nn.Parameter (ViT, DETR).
+NO_DECAY_NAME_PARTS = ("pos_embed", "position_embed", "query_embed", "level_embed", "cls_token",
+                       "reg_token", "mask_token", "relative_position_bias_table")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its lr schedule."""
+
+    lr: float = 1e-4  # base learning rate (of the non-backbone groups)
+    weight_decay: float = 1e-4  # decoupled weight decay on weight matrices / conv kernels
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
+    eps: float = 1e-8  # Adam's denominator epsilon
+    backbone_lr_mult: float = 0.1  # lr multiplier of parameters the stage marks as backbone
+    schedule: str = "cosine"  # "cosine" | "step" | "constant", after linear warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup
+    milestones: list[int] = field(default_factory=list)  # "step" schedule: steps where lr *= gamma
+    gamma: float = 0.1  # "step" schedule: factor at each milestone
+    min_lr_ratio: float = 0.0  # "cosine" schedule: final lr as a fraction of the base lr
+
+    def __post_init__(self) -> None:
+        where = "engine/optim.py OptimizerConfig"
+        if self.lr <= 0:
+            raise ValueError(f"{where}: lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {self.betas}")
+        if self.backbone_lr_mult < 0:
+            raise ValueError(f"{where}: backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{where}: schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{where}: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if sorted(self.milestones) != list(self.milestones):
+            raise ValueError(f"{where}: milestones must be increasing, got {self.milestones}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{where}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def schedule_kwargs(self) -> dict:
+        """The arguments of `schedule.lr_factor` taken from this config."""
+        fields = asdict(self)
+        keys = ("schedule", "warmup_steps", "milestones", "gamma", "min_lr_ratio")
+        return {key: fields[key] for key in keys}
+
+
+def _decays(module_by_param: dict[str, nn.Module], name: str, param: nn.Parameter) -> bool:
+    if param.ndim <= 1:  # biases, norm scales, scalar gates
+        return False
+    if isinstance(module_by_param[name], NO_DECAY_MODULES):
+        return False
+    return not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def _owner_modules(model: nn.Module) -> dict[str, nn.Module]:
+    owners = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{param_name}" if module_name else param_name] = module
+    return owners
+
+
+def build_param_groups(
+    model: nn.Module, cfg: OptimizerConfig, is_backbone: Callable[[str], bool] | None = None
+) -> list[dict]:
+    """Up to four groups: (backbone or not) x (decay or not); frozen parameters are left out.
+
+    Each group carries "name" and "param_names" for logging and tests; torch ignores extra keys.
+    """
+    owners = _owner_modules(model)
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        backbone = bool(is_backbone and is_backbone(name))
+        decay = _decays(owners, name, param)
+        group = groups.setdefault((backbone, decay), {
+            "name": f"{'backbone' if backbone else 'rest'}_{'decay' if decay else 'no_decay'}",
+            "params": [], "param_names": [],
+            "lr": cfg.lr * (cfg.backbone_lr_mult if backbone else 1.0),
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+        })
+        group["params"].append(param)
+        group["param_names"].append(name)
+    if not groups:
+        raise ValueError("engine/optim.py: the model has no trainable parameters")
+    return [groups[key] for key in sorted(groups)]
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, is_backbone: Callable[[str], bool] | None = None
+) -> torch.optim.AdamW:
+    """torch-native AdamW (no compiled ops, so it runs under DeepSpeed on CPU too)."""
+    groups = build_param_groups(model, cfg, is_backbone)
+    # foreach=False: the same numerics whatever the grouping (ZeRO regroups parameters).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=False)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over `schedule.lr_factor`, stepped once per optimizer step."""
+    if total_steps < 1:
+        raise ValueError(f"engine/optim.py: total_steps must be >= 1, got {total_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, make_lr_lambda(total_steps, **cfg.schedule_kwargs())
+    )

@@ -1,0 +1,184 @@
+"""Model-only exports (consolidated fp32 safetensors + meta.json) and partial loading.
+
+An export is what the next stage (or a user) starts from: `export/model.safetensors` with the
+full fp32 weights, and `export/meta.json` with whatever the stage describes (architecture config,
+class names, metrics, config hash, parent artifacts). safetensors holds tensors only, so loading
+an export never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import dist
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+EXPORT_FORMAT = "detrforge-export-1"
+
+
+class ExportError(RuntimeError):
+    """An export folder is missing, incomplete or inconsistent."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a directory's entries (renames) on POSIX file systems."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write tmp, fsync, rename over `path`: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_export(export_dir: str | Path, state_dict: Mapping[str, torch.Tensor],
+                 meta: Mapping[str, Any]) -> Path:
+    """Write weights then meta.json (the meta, written last, marks the export complete).
+
+    `meta` must be JSON-serialisable; the weights' sha256 is added so a mismatched pair is
+    detected on load. Returns the weights path. Single-process: see `export_strategy` for ranks.
+    """
+    from safetensors.torch import save_file
+
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    weights = export_dir / WEIGHTS_FILE
+    tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
+    # Clones break storage sharing (tied weights), which safetensors refuses to write.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT})
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, weights)
+    full_meta = {**meta, "format": EXPORT_FORMAT, "weights_sha256": _sha256(weights)}
+    try:
+        text = json.dumps(full_meta, indent=2, sort_keys=True)
+    except TypeError as error:
+        raise ExportError(f"export.py: meta must be JSON-serialisable: {error}") from None
+    write_atomic_bytes(export_dir / META_FILE, text.encode())
+    return weights
+
+
+def export_strategy(strategy, export_dir: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Consolidate the strategy's weights (fp32, also from ZeRO-3 shards) and write the export
+    from rank 0. Every rank must call it."""
+    state_dict = strategy.consolidated_state_dict()
+    path = Path(export_dir) / WEIGHTS_FILE
+    if dist.is_main():
+        write_export(export_dir, state_dict, meta)
+    dist.barrier()
+    return path
+
+
+def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) from an export folder or its model.safetensors file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    export_dir = path if path.is_dir() else path.parent
+    weights, meta_path = export_dir / WEIGHTS_FILE, export_dir / META_FILE
+    if not weights.is_file() or not meta_path.is_file():
+        raise ExportError(
+            f"export.py: {export_dir} is not a complete export (needs {WEIGHTS_FILE} and "
+            f"{META_FILE}); point init_from at a finished stage's export/ folder"
+        )
+    meta = json.loads(meta_path.read_text())
+    expected = meta.get("weights_sha256")
+    if expected is not None and expected != _sha256(weights):
+        raise ExportError(
+            f"export.py: {weights} does not match the sha256 in {meta_path}; the export was "
+            "overwritten or is being written. Re-run the exporting stage"
+        )
+    return load_file(str(weights)), meta
+
+
+@dataclass
+class LoadReport:
+    """What `load_partial` did with each key."""
+
+    loaded: list[str] = field(default_factory=list)  # copied into the model
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, ckpt, model)
+
+    @property
+    def complete(self) -> bool:
+        """True when every model key was loaded and nothing was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors; {len(self.missing)} missing (kept fresh "
+                 f"init), {len(self.unexpected)} unexpected (ignored), {len(self.mismatched)} "
+                 "shape-mismatched (kept fresh init)"]
+        lines += [f"  missing:    {key}" for key in self.missing]
+        lines += [f"  unexpected: {key}" for key in self.unexpected]
+        lines += [f"  mismatched: {key} checkpoint {list(ckpt)} vs model {list(model)}"
+                  for key, ckpt, model in self.mismatched]
+        return "\n".join(lines)
+
+
+def rename_keys(state_dict: Mapping[str, torch.Tensor],
+                prefix_map: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
+    """Replace the longest matching prefix of each key by its mapping ("" maps everything)."""
+    if not prefix_map:
+        return dict(state_dict)
+    prefixes = sorted(prefix_map, key=len, reverse=True)
+    renamed = {}
+    for key, value in state_dict.items():
+        match = next((p for p in prefixes if key.startswith(p)), None)
+        new_key = key if match is None else prefix_map[match] + key[len(match):]
+        if new_key in renamed:
+            raise ExportError(f"export.py: prefix_map sends two keys to {new_key!r}")
+        renamed[new_key] = value
+    return renamed
+
+
+def load_partial(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                 prefix_map: Mapping[str, str] | None = None) -> LoadReport:
+    """Copy every tensor whose name and shape fit `model`; keep the model's own initialisation
+    for the rest (e.g. a classifier head with a new class count). Returns the LoadReport.
+
+    prefix_map renames checkpoint keys first, e.g. {"backbone.body.": "backbone."}.
+    """
+    source = rename_keys(state_dict, prefix_map)
+    target = model.state_dict()
+    report = LoadReport()
+    fitting = {}
+    for key, value in source.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(target[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+        else:
+            fitting[key] = value
+            report.loaded.append(key)
+    report.missing = [key for key in target if key not in source]
+    model.load_state_dict(fitting, strict=False)
+    return report
