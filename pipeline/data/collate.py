@@ -1,0 +1,41 @@
+"""Batching: stack classification samples; pad detection images and build the padding mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def collate_classification(samples: Sequence[tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """[(image (3, H, W), label)] -> {"images": (B, 3, H, W), "labels": (B,) int64}."""
+    images = torch.stack([image for image, _ in samples])
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return {"images": images, "labels": labels}
+
+
+def collate_detection(samples: Sequence[tuple[Tensor, dict]], size_divisibility: int = 1) -> dict:
+    """[(image (3, h_i, w_i), target)] -> the detection batch of the project's convention.
+
+    Images are padded at the bottom and right to the largest (h, w) of the batch, rounded up to
+    a multiple of ``size_divisibility``: "images" (B, 3, H, W) (padding is 0, i.e. the mean
+    colour after normalisation), "padding_mask" (B, H, W) bool True on padded pixels,
+    "targets" list of B dicts, unchanged: "masks" stay (n, h_i, w_i), the unpadded image
+    size, as the convention says; a mask loss pads them (as DETR's does) when it needs to.
+    """
+    if not samples:
+        raise ValueError("collate_detection needs at least one sample")
+    heights = [image.shape[1] for image, _ in samples]
+    widths = [image.shape[2] for image, _ in samples]
+    step = max(1, size_divisibility)
+    height, width = -(-max(heights) // step) * step, -(-max(widths) // step) * step
+    images = samples[0][0].new_zeros((len(samples), 3, height, width))
+    padding_mask = torch.ones((len(samples), height, width), dtype=torch.bool)
+    targets = []
+    for i, (image, target) in enumerate(samples):
+        h, w = image.shape[1:]
+        images[i, :, :h, :w] = image
+        padding_mask[i, :h, :w] = False
+        targets.append(target)
+    return {"images": images, "padding_mask": padding_mask, "targets": targets}

@@ -1,0 +1,413 @@
+"""Resumable sample streams over shards: resampled training epochs and exact-once evaluation.
+
+Training (:class:`TrainLoader`). An epoch is a FIXED number of batches (``steps_per_epoch``),
+the same on every rank, so ranks never disagree on batch counts. The batches come from
+``num_streams`` independent logical streams (one per DataLoader worker, or one in-process),
+taken round-robin: global batch ``g`` of an epoch comes from stream ``g % num_streams``.
+Stream ``s`` of rank ``r`` in epoch ``e`` is a pure function of ``(seed, e, r, s)``:
+
+- its shards: the rank's part of the shard list (``shards[r::world_size]`` when there are at
+  least ``world_size`` shards, so ranks read disjoint data; all shards otherwise), then the
+  stream's part of that (``[s::num_streams]``, when there are enough shards);
+- it draws shards from its part at random WITH replacement (webdataset's ``resampled=True``
+  behaviour: an infinite stream, so no worker ever runs dry), reads them with webdataset's tar
+  reader and shuffles samples in a buffer, both with RNGs seeded from ``(seed, e, r, s)``;
+- the augmentation of its ``p``-th raw sample uses an RNG seeded from ``(seed, e, r, s, p)``.
+
+Guarantee: with the same shards, seed, world size, number of workers, batch size and code,
+``load_state_dict(state_dict())`` makes the loader yield exactly the batches (bit for bit) that
+the uninterrupted loader would have yielded after the batches already consumed. A resume
+replays the raw tar bytes of the consumed part of the epoch (cheap: no JPEG decoding, no
+augmentation) and skips them; the state is a few integers per stream.
+
+Bad samples (corrupt JPEG, unreadable JSON, truncated tar, ...) are skipped and counted by reason
+in ``loader.skipped``; they never stop training. If a stream reads many shards in a row without
+one usable sample, :class:`~pipeline.data.errors.DataError` is raised (the data is unusable).
+
+Evaluation (:class:`EvalLoader`). Every sample exactly once over all ranks: sample ``i`` (in
+shard order, numbered with ``_info.json`` counts) goes to rank ``i % world_size``; workers split
+the shards. Deterministic, no randomness; ranks may differ by one batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.data.categories import CategoryMap
+from pipeline.data.errors import DataError, SkipSample
+from pipeline.data.shards import ShardInfo
+
+# decode(raw sample {"__key__", "jpg", ...}, rng or None, annotation-level drop counter) -> item
+Decoder = Callable[[dict, "random.Random | None", Counter], object]
+Collate = Callable[[list], object]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python runs (unlike hash())."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def partition_shards(
+    shards: Sequence[str], rank: int, world_size: int, stream: int, num_streams: int
+) -> list[str]:
+    """The shards stream ``stream`` of rank ``rank`` draws from (see the module docstring)."""
+    part = list(shards[rank::world_size]) if len(shards) >= world_size else list(shards)
+    return part[stream::num_streams] if len(part) >= num_streams else part
+
+
+class _ErrorCounter:
+    """A webdataset exception handler that counts errors instead of raising."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def __call__(self, exn: Exception) -> bool:
+        # tarfile errors: a truncated or corrupt shard; the samples read before it are kept.
+        tar_error = type(exn).__module__ == "tarfile"
+        self.counts["corrupt_tar" if tar_error else f"read_error:{type(exn).__name__}"] += 1
+        return True  # go on with the next file or shard
+
+    def drain(self) -> Counter:
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a worker needs to produce its batches (plain data, so it pickles to workers)."""
+
+    shards: tuple[str, ...]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    num_streams: int
+    batch_size: int
+    shuffle_buffer: int
+    # Raw samples already consumed from each stream in this epoch (skipped on resume).
+    start_positions: tuple[int, ...]
+    # Worker j of the new DataLoader plays stream (j + stream_offset) % num_streams.
+    stream_offset: int
+
+
+class _EmptyGuard:
+    """Counts shards opened since the last usable sample; raises when the data looks unusable."""
+
+    def __init__(self, shards: Sequence[str]) -> None:
+        self.shards, self.since_last_sample = shards, 0
+        self.limit = max(20, 5 * len(shards))
+
+    def opened(self) -> None:
+        self.since_last_sample += 1
+        if self.since_last_sample > self.limit:
+            raise DataError(
+                f"read {self.limit} shards in a row without one usable sample (e.g. {self.shards[0]});"
+                " check the shards with the converter's summary or rewrite them"
+            )
+
+
+def _resampled_urls(
+    shards: Sequence[str], rng: random.Random, guard: _EmptyGuard
+) -> Iterator[dict]:
+    while True:
+        guard.opened()
+        yield {"url": shards[rng.randrange(len(shards))]}
+
+
+class TrainStream(IterableDataset):
+    """The batches of one epoch's streams (an IterableDataset for torch's DataLoader)."""
+
+    def __init__(self, plan: StreamPlan, decode: Decoder, collate: Collate) -> None:
+        super().__init__()
+        self.plan, self.decode, self.collate = plan, decode, collate
+
+    def __iter__(self) -> Iterator[dict]:
+        plan, info = self.plan, torch.utils.data.get_worker_info()
+        if info is not None:
+            yield from self._batches((info.id + plan.stream_offset) % plan.num_streams)
+            return
+        # In-process: interleave the streams exactly as DataLoader workers would be.
+        order = [(plan.stream_offset + j) % plan.num_streams for j in range(plan.num_streams)]
+        streams = [self._batches(s) for s in order]
+        while True:
+            for stream in streams:
+                yield next(stream)
+
+    def _raw_samples(
+        self, stream: int, guard: _EmptyGuard, errors: _ErrorCounter
+    ) -> Iterator[dict]:
+        plan = self.plan
+        shards = partition_shards(plan.shards, plan.rank, plan.world_size, stream, plan.num_streams)
+        shard_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 0))
+        shuffle_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 1))
+        samples = wds.tarfile_to_samples(handler=errors)(_resampled_urls(shards, shard_rng, guard))
+        if plan.shuffle_buffer > 1:
+            samples = wds.shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=shuffle_rng)(
+                samples
+            )
+        return samples
+
+    def _batches(self, stream: int) -> Iterator[dict]:
+        plan = self.plan
+        guard, errors = _EmptyGuard(plan.shards), _ErrorCounter()
+        batch, skipped = [], Counter()
+        for position, raw in enumerate(self._raw_samples(stream, guard, errors), start=1):
+            read_errors = errors.drain()
+            if position <= plan.start_positions[stream]:
+                continue  # consumed before the resume; its errors were counted then
+            skipped.update(read_errors)
+            rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 2, position))
+            item = _decode_counting(self.decode, raw, rng, skipped)
+            if item is None:
+                continue
+            guard.since_last_sample = 0
+            batch.append(item)
+            if len(batch) == plan.batch_size:
+                yield {
+                    "batch": self.collate(batch),
+                    "stream": stream,
+                    "position": position,
+                    "skipped": dict(skipped),
+                }
+                batch, skipped = [], Counter()
+
+
+def _decode_counting(decode: Decoder, raw: dict, rng: random.Random | None, skipped: Counter):
+    """decode(raw) or None, counting the reason of a skip; one bad sample never raises."""
+    try:
+        return decode(raw, rng, skipped)
+    except SkipSample as skip:
+        skipped[skip.reason] += 1
+    except Exception as exn:  # noqa: BLE001 - any failure on one sample skips that sample only
+        skipped[f"decode_error:{type(exn).__name__}"] += 1
+    return None
+
+
+class _LoaderBase:
+    """What both loaders expose: the shard set, categories, counts of skipped samples."""
+
+    def __init__(
+        self, info: ShardInfo, decode: Decoder, collate: Collate, num_workers: int
+    ) -> None:
+        self.info, self.decode, self.collate = info, decode, collate
+        self.num_workers = num_workers
+        self.skipped: Counter = Counter()
+
+    @property
+    def categories(self) -> list[dict]:
+        """COCO-style category records; contiguous label i is categories[i]."""
+        return self.info.categories
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def category_map(self) -> CategoryMap:
+        """COCO category id <-> contiguous label (evaluation maps predictions back with it)."""
+        return CategoryMap(self.info.categories)
+
+    def _data_loader(self, dataset: IterableDataset) -> DataLoader:
+        extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **extra)
+
+
+class TrainLoader(_LoaderBase):
+    """Iterating yields the rest of the current epoch; the next iteration starts the next epoch."""
+
+    def __init__(
+        self,
+        info: ShardInfo,
+        decode: Decoder,
+        collate: Collate,
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+        num_workers: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        super().__init__(info, decode, collate, num_workers)
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.shuffle_buffer, self.seed, self.rank, self.world_size = (
+            shuffle_buffer,
+            seed,
+            rank,
+            world_size,
+        )
+        self.num_streams = max(1, num_workers)
+        self.epoch, self.batches_in_epoch = 0, 0
+        self.positions = [0] * self.num_streams
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _roll_epoch_if_done(self) -> None:
+        if self.batches_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+            self.positions = [0] * self.num_streams
+
+    def _plan(self) -> StreamPlan:
+        return StreamPlan(
+            shards=tuple(str(p) for p in self.info.shard_paths),
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_streams=self.num_streams,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            start_positions=tuple(self.positions),
+            stream_offset=self.batches_in_epoch % self.num_streams,
+        )
+
+    def __iter__(self) -> Iterator:
+        self._roll_epoch_if_done()
+        remaining = self.steps_per_epoch - self.batches_in_epoch
+        batches = iter(self._data_loader(TrainStream(self._plan(), self.decode, self.collate)))
+        try:
+            for _ in range(remaining):
+                item = next(batches)
+                # State first: a batch counts as consumed as soon as it is handed out.
+                self.positions[item["stream"]] = item["position"]
+                self.batches_in_epoch += 1
+                self.skipped.update(item["skipped"])
+                yield item["batch"]
+        finally:
+            del batches  # shuts the workers down now, also when the consumer stops early
+        self._roll_epoch_if_done()
+
+    def state_dict(self) -> dict:
+        """The data position: plain ints and strings (JSON- and torch.save-friendly)."""
+        return {
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "positions": list(self.positions),
+            "skipped": dict(self.skipped),
+            "fingerprint": self._fingerprint(),
+        }
+
+    def _fingerprint(self) -> dict:
+        return {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_streams": self.num_streams,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "shards": list(self.info.shards),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; DataError if it was saved with another data setup."""
+        mine, theirs = self._fingerprint(), state.get("fingerprint", {})
+        changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if changed:
+            raise DataError(
+                f"cannot resume the data position: {changed} changed since the checkpoint "
+                f"({ {k: theirs.get(k) for k in changed} } -> { {k: mine[k] for k in changed} }); "
+                "resume with the same data settings, or start the stage afresh"
+            )
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        self.positions = [int(p) for p in state["positions"]]
+        self.skipped = Counter(state.get("skipped", {}))
+
+
+class EvalStream(IterableDataset):
+    """Samples of one rank, split over workers by shard, batched (last batch may be short)."""
+
+    def __init__(
+        self,
+        info: ShardInfo,
+        decode: Decoder,
+        collate: Collate,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        super().__init__()
+        self.info, self.decode, self.collate = info, decode, collate
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        offsets = np.concatenate([[0], np.cumsum(self.info.counts)]).tolist()
+        batch, skipped, errors = [], Counter(), _ErrorCounter()
+        for shard_index in range(worker, len(self.info.shards), workers):
+            url = {"url": str(self.info.shard_paths[shard_index])}
+            for index, raw in enumerate(wds.tarfile_to_samples(handler=errors)([url])):
+                if (offsets[shard_index] + index) % self.world_size != self.rank:
+                    continue
+                item = _decode_counting(self.decode, raw, None, skipped)
+                if item is not None:
+                    batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield {"batch": self.collate(batch), "skipped": dict(skipped + errors.drain())}
+                    batch, skipped = [], Counter()
+        if batch or skipped or errors.counts:
+            yield {
+                "batch": self.collate(batch) if batch else None,
+                "skipped": dict(skipped + errors.drain()),
+            }
+
+
+class EvalLoader(_LoaderBase):
+    """Every sample of the set exactly once over all ranks, in a deterministic order."""
+
+    def __init__(
+        self,
+        info: ShardInfo,
+        decode: Decoder,
+        collate: Collate,
+        *,
+        batch_size: int,
+        num_workers: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        super().__init__(info, decode, collate, num_workers)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank evaluates (per _info.json; bad samples are skipped at read time)."""
+        return len(range(self.rank, self.info.num_samples, self.world_size))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """An upper bound on batches this rank yields (workers may each end with a short one)."""
+        workers = max(1, min(self.num_workers, len(self.info.shards)))
+        return -(-self.num_samples // self.batch_size) + workers - 1
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator:
+        dataset = EvalStream(
+            self.info, self.decode, self.collate, self.batch_size, self.rank, self.world_size
+        )
+        workers = min(self.num_workers, len(self.info.shards))
+        extra = {"prefetch_factor": 2} if workers > 0 else {}
+        for item in DataLoader(dataset, batch_size=None, num_workers=workers, **extra):
+            self.skipped.update(item["skipped"])
+            if item["batch"] is not None:
+                yield item["batch"]
+
+    def state_dict(self) -> dict:
+        """Evaluation has no position to keep; only the skip counts."""
+        return {"skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = Counter(state.get("skipped", {}))
