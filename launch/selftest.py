@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.job import JobContext
+from launch.job import JobContext, preempt_signal
 
 
 def all_reduce_ranks(job: JobContext) -> dict[str, Any]:
@@ -80,3 +80,17 @@ def train_until_stopped(steps: int, step_s: float, job: JobContext) -> dict[str,
         step += 1
     return {"resumed_from": start, "final_step": step, "restart_count": job.restart_count,
             "job_id": job.job_id}
+
+
+def signal_self(job: JobContext) -> dict[str, bool]:
+    """Sends this process the preemption signal, as SLURM would, and reports whether the stop
+    request became visible (it must, without the process being stopped).
+
+    Returns {"before": stop_requested() before the signal, "after": after it}.
+    """
+    before = job.stop_requested()
+    os.kill(os.getpid(), preempt_signal())
+    deadline = time.monotonic() + 5.0
+    while not job.stop_requested() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"before": before, "after": job.stop_requested()}
