@@ -46,6 +46,12 @@ class SampleSetSize:
 
 
 SIZES = {
+    # For tests: a second to generate, still several shards per training split.
+    "tiny": {
+        "classify": SampleSetSize(48, 12, 32, 16),
+        "detect": SampleSetSize(24, 10, 96, 8),
+        "domain": SampleSetSize(16, 8, 96, 8),
+    },
     "small": {
         "classify": SampleSetSize(600, 100, 64, 100),
         "detect": SampleSetSize(300, 40, 128, 50),
@@ -230,7 +236,7 @@ def make_samples(
     """Generate the classify, detect and domain sample sets under ``out``.
 
     Returns the converter summaries keyed ``"<set>/<split>"``. ``size`` is "small" (the demo:
-    seconds to generate) or "medium" (about ten times the images).
+    seconds to generate), "medium" (about ten times the images) or "tiny" (for tests).
     """
     if size not in SIZES:
         raise DataError(f"sample size {size!r} is not one of {sorted(SIZES)}")
