@@ -1,0 +1,262 @@
+"""Converters and generated samples: round trip, determinism, bad input reported and skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.convert import clean_bbox, coco_to_shards, imagefolder_to_shards
+from pipeline.data.errors import ConversionError, ShardInfoError
+from pipeline.data.samples import make_samples
+from pipeline.data.shards import load_shard_info, read_tar
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("samples")
+    make_samples(out, "tiny", seed=0)
+    return out
+
+
+def _read_set(root: Path) -> dict[str, dict[str, bytes]]:
+    info = load_shard_info(root)
+    return {key: members for path in info.shard_paths for key, members in read_tar(path)}
+
+
+def _jpeg(path: Path, size=(40, 30), color=(200, 30, 30)) -> None:
+    Image.new("RGB", size, color).save(path, format="JPEG")
+
+
+def test_sample_layout_and_info(samples):
+    for set_name, kind in (
+        ("classify", "classification"),
+        ("detect", "detection"),
+        ("domain", "detection"),
+    ):
+        for split in ("train", "val"):
+            info = load_shard_info(samples / set_name / split)
+            assert info.kind == kind and info.split == split
+            assert info.num_samples == sum(1 for _ in _read_set(samples / set_name / split))
+    assert load_shard_info(samples / "classify" / "train").num_classes == 12
+    detect = load_shard_info(samples / "detect" / "train")
+    assert len(detect.shards) == 3  # 24 images, 8 per shard
+    assert (
+        detect.annotation_path.read_bytes()
+        == (samples / "detect/annotations/instances_train.json").read_bytes()
+    )
+    panoptic = json.loads((samples / "detect/annotations/panoptic_val.json").read_text())
+    assert {c["isthing"] for c in panoptic["categories"]} == {0, 1}
+    assert len(list((samples / "detect/annotations/panoptic_val").glob("*.png"))) == 10
+
+
+def test_panoptic_segments_match_instances(samples):
+    coco = json.loads((samples / "detect/annotations/instances_val.json").read_text())
+    panoptic = json.loads((samples / "detect/annotations/panoptic_val.json").read_text())
+    for record in panoptic["annotations"]:
+        png = np.asarray(
+            Image.open(samples / "detect/annotations/panoptic_val" / record["file_name"]), np.int64
+        )
+        ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+        for segment in record["segments_info"]:
+            assert (ids == segment["id"]).sum() == segment["area"]
+        things = sorted(s["area"] for s in record["segments_info"] if s["category_id"] < 100)
+        anns = sorted(a["area"] for a in coco["annotations"] if a["image_id"] == record["image_id"])
+        assert things == anns
+
+
+def test_coco_round_trip_keeps_every_valid_annotation(samples, tmp_path):
+    annotations = samples / "detect/annotations/instances_train.json"
+    summary = coco_to_shards(
+        samples / "detect/raw/train", annotations, tmp_path / "train", shard_size=5
+    )
+    coco = json.loads(annotations.read_text())
+    assert summary.skipped == [] and summary.images_written == len(coco["images"])
+    assert summary.annotations_kept == len(coco["annotations"])
+    stored = {}
+    for key, members in _read_set(tmp_path / "train").items():
+        record = json.loads(members["json"])
+        assert key == f"{record['image']['id']:012d}"
+        for ann in record["annotations"]:
+            stored[ann["id"]] = ann
+    assert stored == {ann["id"]: ann for ann in coco["annotations"]}
+    assert load_shard_info(tmp_path / "train").counts == [5, 5, 5, 5, 4]
+
+
+def test_conversion_is_bit_for_bit_deterministic(samples, tmp_path):
+    make_samples(tmp_path / "again", "tiny", seed=0)
+    files = sorted(
+        p.relative_to(samples) for p in samples.rglob("*") if p.suffix in (".tar", ".json", ".png")
+    )
+    assert len(files) > 20
+    for rel in files:
+        assert (tmp_path / "again" / rel).read_bytes() == (samples / rel).read_bytes(), rel
+    annotations = samples / "detect/annotations/instances_train.json"
+    coco_to_shards(samples / "detect/raw/train", annotations, tmp_path / "two", 8, 2, split="train")
+    for name in ("shard-000000.tar", "shard-000002.tar", "_info.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (
+            samples / "detect/train" / name
+        ).read_bytes()
+
+
+def test_tar_members_have_fixed_metadata(samples):
+    with tarfile.open(samples / "classify/train/shard-000000.tar") as tar:
+        members = tar.getmembers()
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+        (0, 0, 0, "", "", 0o644)
+    }
+    assert [m.name.split(".")[1] for m in members[:2]] == ["cls", "jpg"]
+
+
+def test_different_seed_gives_different_images(tmp_path):
+    make_samples(tmp_path / "a", "tiny", seed=1)
+    make_samples(tmp_path / "b", "tiny", seed=2)
+    a = (tmp_path / "a/detect/train/shard-000000.tar").read_bytes()
+    assert a != (tmp_path / "b/detect/train/shard-000000.tar").read_bytes()
+
+
+@pytest.fixture
+def bad_coco(tmp_path) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    _jpeg(images / "good.jpg")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    full = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(full, format="JPEG")
+    (images / "truncated.jpg").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    _jpeg(images / "wrong_size.jpg", size=(20, 20))
+
+    def image(i, name):
+        return {"id": i, "file_name": name, "width": 40, "height": 30}
+
+    anns = [
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [5, 5, 10, 10],
+            "iscrowd": 0,
+            "area": 100,
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [5, 5, 0, 10],
+            "iscrowd": 0,
+        },  # degenerate
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [20, 5, -8, 10],
+            "iscrowd": 0,
+        },  # negative
+        {
+            "id": 4,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [50, 5, 10, 10],
+            "iscrowd": 0,
+        },  # out of image
+        {
+            "id": 5,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [-5, 20, 20, 20],
+            "iscrowd": 0,
+        },  # clipped
+        {
+            "id": 6,
+            "image_id": 1,
+            "category_id": 99,
+            "bbox": [1, 1, 5, 5],
+            "iscrowd": 0,
+        },  # unknown id
+        {"id": 7, "image_id": 2, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0},
+    ]
+    coco = {
+        "images": [image(1, "good.jpg"), image(2, "corrupt.jpg"), image(3, "truncated.jpg"),
+                   image(4, "missing.jpg"), image(5, "wrong_size.jpg")],
+        "annotations": anns,
+        "categories": [{"id": 3, "name": "thing"}],
+    }  # fmt: skip
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    return images, path
+
+
+def test_coco_bad_input_is_reported_and_skipped(bad_coco, tmp_path):
+    images, annotations = bad_coco
+    summary = coco_to_shards(images, annotations, tmp_path / "out", workers=2)
+    assert (
+        summary.images_written == 1 and summary.annotations_kept == 2 and summary.boxes_clipped == 1
+    )
+    assert summary.skipped_by_reason() == {
+        "corrupt_image": 2, "degenerate_box": 3, "missing_image": 1, "size_mismatch": 1, "unknown_category": 1,
+    }  # fmt: skip
+    by_file = {(Path(s.file).name, s.reason) for s in summary.skipped}
+    assert ("corrupt.jpg", "corrupt_image") in by_file and (
+        "truncated.jpg",
+        "corrupt_image",
+    ) in by_file
+    assert ("missing.jpg", "missing_image") in by_file and (
+        "instances.json",
+        "unknown_category",
+    ) in by_file
+    (record,) = [json.loads(m["json"]) for m in _read_set(tmp_path / "out").values()]
+    assert [a["bbox"] for a in record["annotations"]] == [
+        [5.0, 5.0, 10.0, 10.0],
+        [0.0, 20.0, 15.0, 10.0],
+    ]
+    assert "corrupt_image: 2" not in summary.format() and "missing.jpg" in summary.format()
+    assert load_shard_info(tmp_path / "out").skipped["corrupt_image"] == 2
+
+
+def test_clean_bbox_cases():
+    assert clean_bbox([1, 2, 3, 4], 10, 10) == ([1.0, 2.0, 3.0, 4.0], False)
+    assert clean_bbox([8, 8, 5, 5], 10, 10) == ([8.0, 8.0, 2.0, 2.0], True)
+    assert clean_bbox([1, 1, float("nan"), 2], 10, 10) == (None, False)
+    assert clean_bbox(None, 10, 10) == (None, False)
+    assert clean_bbox([-5, -5, 4, 4], 10, 10) == (None, False)
+
+
+def test_imagefolder_labels_reencoding_and_corrupt_files(tmp_path):
+    src = tmp_path / "src"
+    for name in ("cat", "dog"):
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            _jpeg(
+                src / name / f"{i}.jpg", color=(i * 80, 0, 0) if name == "cat" else (0, 0, i * 80)
+            )
+    Image.new("L", (16, 16), 128).save(src / "dog" / "gray.png")
+    (src / "cat" / "broken.jpg").write_bytes(b"garbage")
+    (src / "cat" / "notes.txt").write_text("ignored: not an image suffix")
+    summary = imagefolder_to_shards(src, tmp_path / "out", shard_size=4)
+    assert summary.images_written == 7 and summary.skipped_by_reason() == {"corrupt_image": 1}
+    info = load_shard_info(tmp_path / "out")
+    assert [c["name"] for c in info.categories] == ["cat", "dog"] and info.counts == [4, 3]
+    labels = {}
+    for members in _read_set(tmp_path / "out").values():
+        image = Image.open(io.BytesIO(members["jpg"]))
+        assert image.format == "JPEG" and image.mode == "RGB"
+        labels[image.size] = labels.get(image.size, []) + [int(members["cls"])]
+    assert sorted(labels[(40, 30)]) == [0, 0, 0, 1, 1, 1] and labels[(16, 16)] == [1]
+
+
+def test_missing_inputs_raise_typed_errors(tmp_path):
+    with pytest.raises(ConversionError, match="not a folder"):
+        imagefolder_to_shards(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ConversionError, match="not found"):
+        coco_to_shards(tmp_path / "images", tmp_path / "nope.json", tmp_path / "out")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConversionError, match="not valid JSON"):
+        coco_to_shards(tmp_path / "images", tmp_path / "bad.json", tmp_path / "out")
+    with pytest.raises(ShardInfoError, match="make-samples"):
+        load_shard_info(tmp_path)
