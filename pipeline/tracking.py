@@ -62,7 +62,7 @@ class TrackingConfig:
     retry_interval_s: float = 2.0  # first wait before resending after a failure (then doubles)
     max_retry_interval_s: float = 60.0  # cap on that wait
     max_queued_metrics: int = 100_000  # beyond this the oldest unsent ones are dropped (not from jsonl)
-    start_timeout_s: float = 15.0  # how long build_tracker waits for a new run to be created
+    start_timeout_s: float = 30.0  # build_tracker's wait for a new run (a new SQLite store: ~6 s)
     finish_timeout_s: float = 30.0  # how long finish() waits for the queue to drain
 
     def __post_init__(self) -> None:
@@ -119,6 +119,17 @@ def ui_command(workdir: str | Path, host: str = "127.0.0.1", port: int = 5000) -
     ]  # fmt: skip
 
 
+def _http_settings(cfg: TrackingConfig) -> dict[str, int]:
+    return {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": cfg.http_timeout_s,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": cfg.http_max_retries,
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": cfg.http_backoff_factor,
+    }
+
+
+_USER_HTTP_ENV = frozenset(name for name in _http_settings(TrackingConfig()) if name in os.environ)
+
+
 def import_mlflow(cfg: TrackingConfig | None = None):
     """Import mlflow with telemetry off, short HTTP limits and its SQLite log noise muted."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -126,9 +137,10 @@ def import_mlflow(cfg: TrackingConfig | None = None):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if cfg is not None:
         # MLflow's defaults (7 retries, 120 s) keep one request alive for minutes on a dead server.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.http_timeout_s))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.http_max_retries))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(cfg.http_backoff_factor))
+        # MLflow reads these at each request; a value the user exported before us wins.
+        for name, value in _http_settings(cfg).items():
+            if name not in _USER_HTTP_ENV:
+                os.environ[name] = str(value)
     import mlflow
 
     for name in _NOISY_LOGGERS:
@@ -163,7 +175,8 @@ def _clip(value: str, limit: int, key: str) -> str:
     if len(value) <= limit:
         return value
     log.warning("tracking: value of %r has %d chars, MLflow keeps %d; truncated", key, len(value), limit)
-    return value[: limit - 15] + "...[truncated]"
+    suffix = "...[truncated]"
+    return value[: limit - len(suffix)] + suffix
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -257,7 +270,7 @@ class MetricsFileTracker(NullTracker):
         self._lock = threading.Lock()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        values = {str(k): _json_number(float(v)) for k, v in metrics.items()}
+        values = {str(k): _json_number(_scalar(k, v)) for k, v in metrics.items()}
         line = json.dumps({"step": int(step), "time": time.time(), "metrics": values})
         with self._lock:
             if self._file is None:
