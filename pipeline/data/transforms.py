@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -34,42 +33,66 @@ def scaled_size(width: int, height: int, size: int, max_size: int | None) -> tup
     short, long = min(width, height), max(width, height)
     if max_size is not None and long / short * size > max_size:
         size = max(1, int(round(max_size * short / long)))
-    if width <= height:
-        return size, max(1, int(round(size * height / width)))
-    return max(1, int(round(size * width / height))), size
+    # Rounding could push the longer side one pixel past max_size; clamp it.
+    long_side = max(1, int(round(size * long / short)))
+    long_side = long_side if max_size is None else min(long_side, max_size)
+    return (size, long_side) if width <= height else (long_side, size)
 
 
-def resize(image: Image.Image, target: Target, size: int, max_size: int | None) -> tuple:
-    """Resize the shorter side to ``size`` (bilinear image, nearest-exact masks, scaled boxes)."""
-    new_w, new_h = scaled_size(image.width, image.height, size, max_size)
-    ratio = torch.tensor([new_w / image.width, new_h / image.height] * 2)
-    target = dict(target, boxes=target["boxes"] * ratio, size=torch.tensor([new_h, new_w]))
-    if "area" in target:
-        target["area"] = target["area"] * (ratio[0] * ratio[1])
-    if "masks" in target:
-        masks = target["masks"][:, None].float()
-        if masks.shape[0]:
-            masks = F.interpolate(masks, size=(new_h, new_w), mode="nearest-exact")
-        target["masks"] = masks[:, 0].reshape(-1, new_h, new_w) > 0.5
-    return image.resize((new_w, new_h), Image.BILINEAR), target
+def _sample_masks(masks: Tensor, region: Sequence[float], out_w: int, out_h: int) -> Tensor:
+    """Nearest sampling of (n, H, W) masks on the pixel centres of ``region`` -> (n, out_h, out_w).
+
+    Output pixel (u, v) takes the source pixel under its centre, so a mask edge lands within
+    half a pixel of where the same map puts a box edge.
+    """
+    x0, y0, x1, y1 = region
+    height, width = masks.shape[-2:]
+    cols = (
+        (x0 + (torch.arange(out_w) + 0.5) * ((x1 - x0) / out_w)).floor().long().clamp(0, width - 1)
+    )
+    rows = (
+        (y0 + (torch.arange(out_h) + 0.5) * ((y1 - y0) / out_h)).floor().long().clamp(0, height - 1)
+    )
+    return masks[:, rows][:, :, cols]
 
 
-def crop(image: Image.Image, target: Target, top: int, left: int, height: int, width: int) -> tuple:
-    """Crop a region; boxes are clipped to it and objects left with nothing inside are dropped."""
-    boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+def resample(
+    image: Image.Image, target: Target, region: Sequence[float], out_w: int, out_h: int
+) -> tuple:
+    """Crop ``region`` (x0, y0, x1, y1, pixels, may be fractional) and resize it to (out_w, out_h).
+
+    One resampling of the image (bilinear) and of the masks (nearest), however many resizes and
+    crops it stands for: repeated resampling would drift masks away from boxes. Boxes are
+    clipped to the region; objects left without area (or, with masks, without pixels) are dropped.
+    """
+    x0, y0, x1, y1 = region
+    scale = torch.tensor([out_w / (x1 - x0), out_h / (y1 - y0)] * 2)
+    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, x1 - x0)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, y1 - y0)
+    boxes = boxes * scale
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    target = dict(target, boxes=boxes, size=torch.tensor([height, width]))
+    target = dict(target, boxes=boxes, size=torch.tensor([out_h, out_w]))
     if "area" in target:  # as DETR: the area of what is left is the clipped box's
         target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     if "masks" in target:
-        target["masks"] = target["masks"][:, top : top + height, left : left + width]
+        target["masks"] = _sample_masks(target["masks"], region, out_w, out_h)
         keep &= target["masks"].flatten(1).any(1)
     for key in ("boxes", "labels", "masks", "area", "iscrowd"):
         if key in target:
             target[key] = target[key][keep]
-    return image.crop((left, top, left + width, top + height)), target
+    return image.resize((out_w, out_h), Image.BILINEAR, box=tuple(float(v) for v in region)), target
+
+
+def resize(image: Image.Image, target: Target, size: int, max_size: int | None) -> tuple:
+    """Resize the shorter side to ``size`` (longer side <= ``max_size``)."""
+    out_w, out_h = scaled_size(image.width, image.height, size, max_size)
+    return resample(image, target, (0, 0, image.width, image.height), out_w, out_h)
+
+
+def crop(image: Image.Image, target: Target, top: int, left: int, height: int, width: int) -> tuple:
+    """Crop a region; boxes are clipped to it and objects left with nothing inside are dropped."""
+    return resample(image, target, (left, top, left + width, top + height), width, height)
 
 
 def hflip(image: Image.Image, target: Target) -> tuple:
@@ -83,21 +106,22 @@ def hflip(image: Image.Image, target: Target) -> tuple:
     return image.transpose(Image.FLIP_LEFT_RIGHT), target
 
 
-def random_size_crop(
-    image: Image.Image, target: Target, min_size: int, max_size: int, rng: random.Random
-) -> tuple:
-    """DETR's RandomSizeCrop: a crop of random size in [min_size, max_size] at a random place."""
-    width = rng.randint(min(min_size, image.width), min(image.width, max_size))
-    height = rng.randint(min(min_size, image.height), min(image.height, max_size))
-    top, left = rng.randint(0, image.height - height), rng.randint(0, image.width - width)
-    return crop(image, target, top, left, height, width)
+def random_size_crop_region(
+    width: int, height: int, min_size: int, max_size: int, rng: random.Random
+) -> tuple[int, int, int, int]:
+    """DETR's RandomSizeCrop: (x0, y0, x1, y1) of a crop with sides in [min_size, max_size]."""
+    crop_w = rng.randint(min(min_size, width), min(width, max_size))
+    crop_h = rng.randint(min(min_size, height), min(height, max_size))
+    top, left = rng.randint(0, height - crop_h), rng.randint(0, width - crop_w)
+    return left, top, left + crop_w, top + crop_h
 
 
 @dataclass(frozen=True)
 class DetectionAugment:
     """DETR's training recipe: flip, then either a multi-scale resize or resize-crop-resize.
 
-    Mirrors DETR's ``make_coco_transforms('train')`` with the sizes as parameters.
+    Mirrors DETR's ``make_coco_transforms('train')`` with the sizes as parameters; the chain of
+    resizes and the crop is applied as a single resampling (see :func:`resample`).
     """
 
     scales: Sequence[int]
@@ -111,12 +135,21 @@ class DetectionAugment:
     def __call__(self, image: Image.Image, target: Target, rng: random.Random) -> tuple:
         if rng.random() < self.flip_prob:
             image, target = hflip(image, target)
+        region = (0.0, 0.0, float(image.width), float(image.height))
         if rng.random() < self.crop_prob:
-            image, target = resize(image, target, rng.choice(list(self.crop_resize_scales)), None)
-            image, target = random_size_crop(
-                image, target, self.crop_min_size, self.crop_max_size, rng
+            # Resize -> crop -> resize, composed into one crop region of the original image.
+            size = rng.choice(list(self.crop_resize_scales))
+            mid_w, mid_h = scaled_size(image.width, image.height, size, None)
+            x0, y0, x1, y1 = random_size_crop_region(
+                mid_w, mid_h, self.crop_min_size, self.crop_max_size, rng
             )
-        return resize(image, target, rng.choice(list(self.scales)), self.max_size)
+            sx, sy = image.width / mid_w, image.height / mid_h
+            region = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+            crop_w, crop_h = x1 - x0, y1 - y0
+        else:
+            crop_w, crop_h = image.width, image.height
+        out_w, out_h = scaled_size(crop_w, crop_h, rng.choice(list(self.scales)), self.max_size)
+        return resample(image, target, region, out_w, out_h)
 
 
 @dataclass(frozen=True)
