@@ -7,6 +7,7 @@ from pipeline.losses.classification import (
     label_smoothing_cross_entropy,
     soft_target_cross_entropy,
 )
+from pipeline.losses.masks import MaskLossConfig, dice_loss, mask_losses, point_sample
 from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
 from pipeline.losses.set_criterion import (
     CriterionConfig,
@@ -22,12 +23,16 @@ __all__ = [
     "CriterionConfig",
     "HungarianMatcher",
     "LossWeights",
+    "MaskLossConfig",
     "MatcherConfig",
     "SetCriterion",
     "build_classification_loss",
     "build_criterion",
     "build_matcher",
+    "dice_loss",
     "label_smoothing_cross_entropy",
+    "mask_losses",
+    "point_sample",
     "sigmoid_focal_loss",
     "soft_target_cross_entropy",
 ]

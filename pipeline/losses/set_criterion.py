@@ -10,6 +10,8 @@ Values equal those of the official code on the same inputs:
 Keys keep DETR's names: ``loss_ce``, ``loss_bbox``, ``loss_giou``, suffixed ``_{i}`` for
 ``outputs["aux_outputs"][i]`` and ``_enc`` for two-stage proposals (matched class-agnostically).
 ``class_error`` (percent top-1 error on the matched queries of the last layer) is a detached metric.
+With a ``mask_loss`` config, layers whose outputs hold "pred_masks" (B, Q, h, w) also get
+``loss_mask`` and ``loss_dice`` (see masks.py) of the box-matched queries.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from pipeline.losses.masks import MaskLossConfig, mask_losses, pad_masks
 from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
 
 # "loss_ce_3" -> "loss_ce", "loss_giou_enc" -> "loss_giou": auxiliary keys share the base weight.
@@ -37,10 +40,13 @@ class LossWeights:
     ce: float = 2.0  # classification loss (Deformable-DETR 2, DETR 1)
     bbox: float = 5.0  # L1 box loss
     giou: float = 2.0  # generalized IoU loss
+    mask: float = 1.0  # per-pixel mask loss (segmentation heads only; Mask2Former uses 5)
+    dice: float = 1.0  # dice mask loss (segmentation heads only; Mask2Former uses 5)
     extra: dict[str, float] = field(default_factory=dict)  # weights of other losses by key, e.g. {"loss_dice": 5}
 
     def __post_init__(self) -> None:
-        for name, value in [("ce", self.ce), ("bbox", self.bbox), ("giou", self.giou), *self.extra.items()]:
+        named = [("ce", self.ce), ("bbox", self.bbox), ("giou", self.giou), ("mask", self.mask), ("dice", self.dice)]
+        for name, value in [*named, *self.extra.items()]:
             if value < 0:
                 raise ValueError(f"LossWeights.{name} must be >= 0, got {value}")
 
@@ -55,8 +61,9 @@ class LossWeights:
         return cls(ce=1.0, bbox=5.0, giou=2.0)
 
     def as_dict(self) -> dict[str, float]:
-        """Weights by base loss key: {"loss_ce": ..., "loss_bbox": ..., "loss_giou": ..., **extra}."""
-        return {"loss_ce": self.ce, "loss_bbox": self.bbox, "loss_giou": self.giou, **self.extra}
+        """Weights by base loss key: {"loss_ce": ..., "loss_giou": ..., "loss_dice": ..., **extra}."""
+        return {"loss_ce": self.ce, "loss_bbox": self.bbox, "loss_giou": self.giou,
+                "loss_mask": self.mask, "loss_dice": self.dice, **self.extra}
 
 
 @dataclass
@@ -68,8 +75,11 @@ class CriterionConfig:
     focal_alpha: float = 0.25  # focal loss alpha (focal heads only)
     focal_gamma: float = 2.0  # focal loss gamma (focal heads only)
     eos_coef: float = 0.1  # weight of the no-object class in the softmax loss (DETR heads only)
+    masks: MaskLossConfig | None = None  # mask losses for segmentation heads; None = boxes only
 
     def __post_init__(self) -> None:
+        if isinstance(self.masks, dict):
+            self.masks = MaskLossConfig(**self.masks)
         if isinstance(self.matcher, dict):
             self.matcher = MatcherConfig(**self.matcher)
         if isinstance(self.weights, dict):
@@ -86,7 +96,7 @@ def build_criterion(cfg: CriterionConfig, num_classes: int) -> SetCriterion:
     """The criterion for a head with ``num_classes`` object classes (no-object excluded)."""
     return SetCriterion(num_classes=num_classes, matcher=build_matcher(cfg.matcher),
                         focal=cfg.matcher.focal, focal_alpha=cfg.focal_alpha,
-                        focal_gamma=cfg.focal_gamma, eos_coef=cfg.eos_coef)
+                        focal_gamma=cfg.focal_gamma, eos_coef=cfg.eos_coef, mask_loss=cfg.masks)
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor | float,
@@ -128,7 +138,8 @@ class SetCriterion(nn.Module):
     """Unweighted DETR losses of every decoder layer; see the module docstring for definitions."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, focal: bool = True,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, eos_coef: float = 0.1) -> None:
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, eos_coef: float = 0.1,
+                 mask_loss: MaskLossConfig | None = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"SetCriterion: num_classes must be >= 1, got {num_classes}")
@@ -138,6 +149,7 @@ class SetCriterion(nn.Module):
         CriterionConfig(focal_alpha=focal_alpha, focal_gamma=focal_gamma, eos_coef=eos_coef)
         self.num_classes, self.matcher, self.focal = num_classes, matcher, focal
         self.focal_alpha, self.focal_gamma, self.eos_coef = focal_alpha, focal_gamma, eos_coef
+        self.mask_loss = mask_loss
         # The softmax loss down-weights the (many) no-object queries, as DETR does.
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -186,8 +198,25 @@ class SetCriterion(nn.Module):
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tgt)))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
+    def loss_masks(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor,
+                   canvas_size: tuple[int, int] | None) -> dict[str, Tensor]:
+        """loss_mask and loss_dice of the matched queries' (B, Q, h, w) "pred_masks"."""
+        if self.mask_loss is None:
+            raise ValueError("SetCriterion: outputs hold 'pred_masks' but no mask loss is configured; "
+                             "set CriterionConfig.masks (or mask_loss=MaskLossConfig())")
+        if any("masks" not in t for t in targets):
+            raise ValueError("SetCriterion: a segmentation head needs 'masks' (n, H, W) in every target")
+        masks = [t["masks"] for t in targets]
+        if canvas_size is None:  # DETR's rule: images were padded to the largest of the batch
+            canvas_size = (max(m.shape[-2] for m in masks), max(m.shape[-1] for m in masks))
+        device = outputs["pred_masks"].device
+        matched = [m[j.to(m.device)] for m, (_, j) in zip(pad_masks(masks, canvas_size), indices)]
+        pred = outputs["pred_masks"][batch_permutation_index(indices)]  # (M, h, w)
+        return mask_losses(pred, torch.cat(matched).to(device), num_boxes, self.mask_loss)
+
     def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: Tensor,
-                     suffix: str = "") -> tuple[dict[str, Tensor], list]:
+                     suffix: str = "", canvas_size: tuple[int, int] | None = None,
+                     ) -> tuple[dict[str, Tensor], list]:
         """Match one layer's predictions, then its losses with ``suffix`` added to each key."""
         logit_dim = outputs["pred_logits"].shape[-1]
         if logit_dim != self.expected_logit_dim():
@@ -198,29 +227,37 @@ class SetCriterion(nn.Module):
         indices = self.matcher(outputs, targets)
         losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes),
                   **self.loss_boxes(outputs, targets, indices, num_boxes)}
+        if "pred_masks" in outputs:
+            losses.update(self.loss_masks(outputs, targets, indices, num_boxes, canvas_size))
         return {key + suffix: value for key, value in losses.items()}, indices
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict],
+                canvas_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """Unweighted losses of the last layer, each auxiliary layer and the encoder proposals.
 
         Args:
             outputs: {"pred_logits": (B, Q, C) or (B, Q, C+1), "pred_boxes": (B, Q, 4), optional
                 "aux_outputs": list of dicts with the same keys, optional "enc_outputs": dict}.
-            targets: B dicts {"labels": int64 (n,), "boxes": (n, 4) cx, cy, w, h normalised}.
+            targets: B dicts {"labels": int64 (n,), "boxes": (n, 4) cx, cy, w, h normalised,
+                "masks": bool (n, h_i, w_i) when the outputs hold "pred_masks"}.
+            canvas_size: (H, W) of the padded images ("images".shape[-2:]) that "pred_masks"
+                cover; None: the largest target mask size (exact when no size_divisibility).
 
         Returns:
-            fp32 scalars "loss_ce", "loss_bbox", "loss_giou", the same keys + f"_{i}" per aux
-            layer and + "_enc" for enc_outputs, and the detached metric "class_error".
+            fp32 scalars "loss_ce", "loss_bbox", "loss_giou" (+ "loss_mask", "loss_dice" for
+            layers with "pred_masks"), the same keys + f"_{i}" per aux layer and + "_enc" for
+            enc_outputs, and the detached metric "class_error".
         """
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
-        losses, indices = self.layer_losses(outputs, targets, num_boxes)
+        losses, indices = self.layer_losses(outputs, targets, num_boxes, canvas_size=canvas_size)
         losses["class_error"] = self.class_error(outputs, targets, indices)
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self.layer_losses(aux, targets, num_boxes, f"_{i}")[0])
+            losses.update(self.layer_losses(aux, targets, num_boxes, f"_{i}", canvas_size)[0])
         if outputs.get("enc_outputs") is not None:
             # Two-stage proposals are class-agnostic: every target counts as class 0.
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self.layer_losses(outputs["enc_outputs"], agnostic, num_boxes, "_enc")[0])
+            enc = {k: v for k, v in outputs["enc_outputs"].items() if k != "pred_masks"}
+            losses.update(self.layer_losses(enc, agnostic, num_boxes, "_enc")[0])
         return losses
 
     @staticmethod

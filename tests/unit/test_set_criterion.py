@@ -15,11 +15,16 @@ from pipeline.losses import (
     CriterionConfig,
     HungarianMatcher,
     LossWeights,
+    MaskLossConfig,
     SetCriterion,
     build_criterion,
+    dice_loss,
     label_smoothing_cross_entropy,
+    mask_losses,
+    point_sample,
     soft_target_cross_entropy,
 )
+from pipeline.losses.masks import sigmoid_bce_loss, uncertain_point_coords
 from pipeline.losses.set_criterion import average_num_boxes
 
 
@@ -140,13 +145,15 @@ def test_aux_and_enc_keys_and_weighted_total():
     by_hand = sum(weights["_".join(k.split("_")[:2])] * v for k, v in losses.items() if k != "class_error")
     assert SetCriterion.weighted_total(losses, LossWeights.deformable_detr()).item() == pytest.approx(by_hand.item())
     with pytest.raises(ValueError, match="no weight for loss"):
-        SetCriterion.weighted_total({"loss_dice_0": torch.tensor(1.0)}, LossWeights.detr())
-    assert SetCriterion.weighted_total({"loss_dice_0": torch.tensor(1.0)}, LossWeights(extra={"loss_dice": 3.0})) == 3.0
+        SetCriterion.weighted_total({"loss_lovasz_0": torch.tensor(1.0)}, LossWeights.detr())
+    assert SetCriterion.weighted_total({"loss_lovasz_0": torch.tensor(1.0)}, LossWeights(extra={"loss_lovasz": 3.0})) == 3.0
 
 
 def test_detr_and_deformable_weights():
-    assert LossWeights.detr().as_dict() == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    assert LossWeights.deformable_detr().as_dict() == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    detr, deformable = LossWeights.detr().as_dict(), LossWeights.deformable_detr().as_dict()
+    assert (detr["loss_ce"], detr["loss_bbox"], detr["loss_giou"]) == (1.0, 5.0, 2.0)
+    assert (deformable["loss_ce"], deformable["loss_bbox"], deformable["loss_giou"]) == (2.0, 5.0, 2.0)
+    assert (detr["loss_mask"], detr["loss_dice"]) == (1.0, 1.0)
 
 
 def test_encoder_proposals_are_matched_class_agnostically():
@@ -251,3 +258,101 @@ def test_num_boxes_is_averaged_over_ranks(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_boxes"] for r in results] == [2.0, 2.0]
     assert [r["loss_bbox"] for r in results] == pytest.approx([3 * 0.1 / 2, 1 * 0.1 / 2])
+
+
+def test_dice_and_bce_by_hand():
+    logits = torch.tensor([[0.0, 30.0, -30.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.0]])
+    # p = (0.5, 1, 0): 1 - (2 * 1.5 + 1) / (1.5 + 2 + 1)
+    assert dice_loss(logits, targets, 1.0).item() == pytest.approx(1 - 4 / 4.5, rel=1e-5)
+    assert sigmoid_bce_loss(logits, targets, 2.0).item() == pytest.approx(math.log(2) / 3 / 2, rel=1e-4)
+
+
+def test_point_sample_reads_pixel_centres_in_x_y_order():
+    image = torch.arange(12.0).view(1, 1, 3, 4)  # value = 4 * row + column
+    coords = torch.tensor([[[(2 + 0.5) / 4, (1 + 0.5) / 3], [(0 + 0.5) / 4, (2 + 0.5) / 3]]])
+    assert point_sample(image, coords)[0, 0].tolist() == pytest.approx([6.0, 8.0])
+
+
+def test_uncertain_points_concentrate_on_the_boundary():
+    torch.manual_seed(0)
+    x = (torch.arange(32.0) + 0.5) / 32
+    logits = (40 * (x - 0.5)).expand(2, 1, 32, 32)  # the boundary (logit 0) is the line x = 0.5
+    coords = uncertain_point_coords(logits, num_points=200, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    assert coords.shape == (2, 200, 2) and bool(((coords >= 0) & (coords <= 1)).all())
+    # the 150 most uncertain of 600 uniform candidates lie within ~0.125 of the line
+    near = ((coords[..., 0] - 0.5).abs() < 0.15).float().mean().item()
+    assert near > 0.7  # uniform sampling alone would give 0.3
+
+
+def _mask_case():
+    target = torch.zeros(1, 6, 8, dtype=torch.bool)
+    target[0, 1:4, 2:6] = True
+    pred = torch.where(target, 2.0, -1.0).float()  # same grid as the target
+    return pred, target
+
+
+def test_full_resolution_mask_losses_by_hand():
+    pred, target = _mask_case()
+    losses = mask_losses(pred, target, 1.0, MaskLossConfig(num_points=0))
+    p_in, p_out = sigmoid(2.0), sigmoid(-1.0)
+    bce = (12 * -math.log(p_in) + 36 * -math.log(1 - p_out)) / 48
+    dice = 1 - (2 * 12 * p_in + 1) / (12 * p_in + 36 * p_out + 12 + 1)
+    assert losses["loss_mask"].item() == pytest.approx(bce, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(dice, rel=1e-5)
+
+
+def test_point_sampled_losses_approach_full_resolution():
+    torch.manual_seed(0)
+    target = torch.zeros(1, 60, 80, dtype=torch.bool)
+    target[0, 10:40, 20:60] = True  # large enough that the blurred boundary band is a few percent
+    pred = torch.where(target, 2.0, -1.0).float()
+    full = mask_losses(pred, target, 1.0, MaskLossConfig(num_points=0))
+    uniform = mask_losses(pred, target, 1.0, MaskLossConfig(num_points=20000, importance_sample_ratio=0.0))
+    for key in ("loss_mask", "loss_dice"):
+        assert uniform[key].item() == pytest.approx(full[key].item(), rel=0.1)
+
+
+def _segm_batch():
+    gen = torch.Generator().manual_seed(3)
+    masks_a = torch.zeros(2, 8, 12, dtype=torch.bool)
+    masks_a[0, :4, :6], masks_a[1, 4:, 6:] = True, True
+    masks_b = torch.zeros(1, 6, 10, dtype=torch.bool)  # a smaller image: padded to 8 x 12
+    masks_b[0, 1:5, 2:8] = True
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
+                "masks": masks_a},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.67]]), "masks": masks_b}]
+    outputs = {"pred_logits": torch.randn(2, 4, 2, generator=gen),
+               "pred_boxes": torch.rand(2, 4, 4, generator=gen) * 0.5 + 0.25,
+               "pred_masks": torch.randn(2, 4, 4, 6, generator=gen, requires_grad=True)}
+    return outputs, targets
+
+
+def test_criterion_mask_losses_use_padded_matched_targets():
+    outputs, targets = _segm_batch()
+    outputs["aux_outputs"] = [{k: v.detach() for k, v in outputs.items()}]
+    criterion = SetCriterion(2, HungarianMatcher(), mask_loss=MaskLossConfig(num_points=0))
+    losses = criterion(outputs, targets)
+    assert {"loss_mask", "loss_dice", "loss_mask_0", "loss_dice_0"} <= set(losses)
+    indices = criterion.matcher(outputs, targets)
+    padded_b = torch.zeros(1, 8, 12)
+    padded_b[:, :6, :10] = targets[1]["masks"].float()
+    matched_targets = torch.cat([targets[0]["masks"].float()[indices[0][1]], padded_b[indices[1][1]]])
+    matched_preds = torch.cat([outputs["pred_masks"][b, indices[b][0]] for b in (0, 1)])
+    expected = mask_losses(matched_preds, matched_targets, 3.0, MaskLossConfig(num_points=0))
+    assert losses["loss_dice"].item() == pytest.approx(expected["loss_dice"].item(), rel=1e-6)
+    assert losses["loss_mask"].item() == pytest.approx(expected["loss_mask"].item(), rel=1e-6)
+    total = SetCriterion.weighted_total(losses, LossWeights(mask=5.0, dice=5.0))
+    total.backward()
+    assert outputs["pred_masks"].grad.abs().sum() > 0
+
+
+def test_criterion_masks_need_a_config_and_work_without_targets():
+    outputs, targets = _segm_batch()
+    with pytest.raises(ValueError, match="no mask loss is configured"):
+        SetCriterion(2, HungarianMatcher())(outputs, targets)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4),
+              "masks": torch.zeros(0, 8, 12, dtype=torch.bool)} for _ in range(2)]
+    losses = SetCriterion(2, HungarianMatcher(), mask_loss=MaskLossConfig())(outputs, empty)
+    assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
+    losses["loss_dice"].backward()
