@@ -1,7 +1,7 @@
 """Evaluation: detection post-processing, COCO AP (pycocotools) and top-k accuracy."""
 
 from pipeline.eval.coco import COCO_METRIC_NAMES, CocoEvaluator
-from pipeline.eval.postprocess import postprocess_detections
+from pipeline.eval.postprocess import postprocess_detections, postprocess_masks
 from pipeline.eval.topk import TopKAccuracy, topk_accuracy, topk_correct
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "CocoEvaluator",
     "TopKAccuracy",
     "postprocess_detections",
+    "postprocess_masks",
     "topk_accuracy",
     "topk_correct",
 ]

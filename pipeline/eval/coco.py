@@ -67,8 +67,11 @@ def empty_results(gt: COCO) -> COCO:
 
 def encode_masks(masks: Tensor) -> list[dict]:
     """(k, H, W) bool masks -> k COCO RLEs with json-friendly (str) counts."""
-    array = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8))
-    rles = mask_utils.encode(array.transpose(1, 2, 0)) if len(array) else []
+    if len(masks) == 0:
+        return []
+    # pycocotools wants (H, W, k) uint8 in Fortran order
+    array = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    rles = mask_utils.encode(array)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return list(rles)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.boxes import box_cxcywh_to_xyxy
@@ -50,7 +51,7 @@ def postprocess_detections(outputs: dict, target_sizes: Tensor, focal: bool,
 
     Returns:
         B dicts {"scores": fp32 (k,) descending, "labels": int64 (k,), "boxes": fp32 (k, 4) absolute
-        x0, y0, x1, y1 pixels}.
+        x0, y0, x1, y1 pixels, "queries": int64 (k,) the query each detection comes from}.
     """
     _check_inputs(outputs, target_sizes, top_k)
     logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
@@ -59,4 +60,33 @@ def postprocess_detections(outputs: dict, target_sizes: Tensor, focal: bool,
     img_h, img_w = target_sizes.to(boxes_xyxy).unbind(1)
     scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # (B, 4)
     boxes_abs = boxes_xyxy * scale[:, None, :]
-    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes_abs)]
+    return [{"scores": s, "labels": lab, "boxes": b, "queries": q}
+            for s, lab, b, q in zip(scores, labels, boxes_abs, query_idx)]
+
+
+@torch.no_grad()
+def postprocess_masks(pred_masks: Tensor, detections: list[dict[str, Tensor]], image_sizes: Tensor,
+                      target_sizes: Tensor, canvas_size: tuple[int, int],
+                      threshold: float = 0.5) -> list[dict[str, Tensor]]:
+    """Add "masks" bool (k, h, w) at ``target_sizes`` to each image's detections.
+
+    Args:
+        pred_masks: (B, Q, h_m, w_m) mask logits covering the padded canvas.
+        detections: from postprocess_detections (their "queries" pick the masks); updated in place.
+        image_sizes: (B, 2) (h, w) of each image inside the canvas (the "size" after augmentation).
+        target_sizes: (B, 2) (h, w) to resize to; the original size for COCO evaluation.
+        canvas_size: (H, W) of the padded batch ("images".shape[-2:]).
+        threshold: probability above which a pixel belongs to the mask.
+    """
+    if pred_masks.dim() != 4 or len(pred_masks) != len(detections):
+        raise ValueError(f"postprocess_masks: pred_masks must be (B, Q, h, w) with B = {len(detections)}, "
+                         f"got {tuple(pred_masks.shape)}")
+    for i, detection in enumerate(detections):
+        logits = pred_masks[i, detection["queries"]].float()[None]  # (1, k, h_m, w_m)
+        logits = F.interpolate(logits, size=tuple(canvas_size), mode="bilinear", align_corners=False)
+        height, width = (int(v) for v in image_sizes[i])
+        logits = logits[..., :height, :width]  # drop the padding before resizing
+        out_size = tuple(int(v) for v in target_sizes[i])
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        detection["masks"] = logits[0].sigmoid() > threshold
+    return detections

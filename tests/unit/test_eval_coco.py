@@ -14,8 +14,10 @@ from pipeline.eval import (
     CocoEvaluator,
     TopKAccuracy,
     postprocess_detections,
+    postprocess_masks,
     topk_accuracy,
 )
+from pipeline.eval.coco import encode_masks
 
 # Two images; category ids 3 and 7 (not contiguous) map to the model's labels 0 and 1.
 IMAGES = [{"id": 11, "width": 200, "height": 100}, {"id": 12, "width": 120, "height": 160}]
@@ -202,3 +204,48 @@ def test_gather_collects_every_rank_on_rank_zero(tmp_path):
     assert first["holds_all"] and not second["holds_all"]
     assert first["num_records"] == 4 and first["AP"] == pytest.approx(1.0)  # duplicate counted once
     assert first["top1"] == second["top1"] == pytest.approx(2 / 3)
+
+
+def rectangle_masks(image: dict, boxes: list[list[float]], shift: int = 0) -> torch.Tensor:
+    masks = torch.zeros(len(boxes), image["height"], image["width"], dtype=torch.bool)
+    for mask, (x, y, w, h) in zip(masks, boxes):
+        mask[int(y):int(y + h), int(x) + shift:int(x + w) + shift] = True
+    return masks
+
+
+def segm_gt() -> dict:
+    annotations = []
+    for image in IMAGES:
+        objs = GT_BOXES[image["id"]]
+        for (cat, box), rle in zip(objs, encode_masks(rectangle_masks(image, [b for _, b in objs]))):
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": cat,
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0, "segmentation": rle})
+    return {"images": IMAGES, "annotations": annotations, "categories": [{"id": 3}, {"id": 7}]}
+
+
+@pytest.mark.parametrize("shift, perfect", [(0, True), (4, False)])
+def test_segm_evaluation_of_rle_masks(shift, perfect):
+    evaluator = CocoEvaluator(segm_gt(), LABELS, iou_type="segm")  # an in-memory dataset dict
+    detections = detections_from_gt()
+    for image, detection in zip(IMAGES, detections):
+        detection["masks"] = rectangle_masks(image, [b for _, b in GT_BOXES[image["id"]]], shift)
+    evaluator.update([image["id"] for image in IMAGES], detections)
+    ap = evaluator.summarize()["AP"]
+    assert ap == pytest.approx(1.0) if perfect else 0.0 < ap < 1.0
+
+
+def test_postprocess_masks_crop_padding_and_resize():
+    logits = torch.zeros(1, 2, 1)
+    logits[0, 1, 0] = 5.0
+    pred_masks = torch.full((1, 2, 8, 12), -10.0)  # canvas 16 x 24 at stride 2
+    pred_masks[0, 1, 1:3, 2:6] = 10.0  # canvas rows 2-5, columns 4-11
+    detections = postprocess_detections({"pred_logits": logits, "pred_boxes": torch.rand(1, 2, 4)},
+                                        torch.tensor([[20, 32]]), focal=True, top_k=1)
+    assert detections[0]["queries"].tolist() == [1]
+    # the image fills 10 x 16 of the 16 x 24 canvas; the original image is twice as large
+    (result,) = postprocess_masks(pred_masks, detections, torch.tensor([[10, 16]]), torch.tensor([[20, 32]]), (16, 24))
+    mask = result["masks"][0]
+    assert mask.shape == (20, 32) and mask.dtype == torch.bool
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    assert (rows.min().item(), rows.max().item()) == (4, 11)  # canvas rows 2-5 -> 4-11
+    assert (cols.min().item(), cols.max().item()) == (8, 23)
