@@ -113,6 +113,9 @@ class CocoEvaluator:
             if "masks" not in detection:
                 raise ValueError("CocoEvaluator(iou_type='segm'): detections need 'masks' (k, H, W) bool")
             for record, rle in zip(records, encode_masks(detection["masks"])):
+                # Without "bbox", loadRes takes the detection's area from the mask (as for the
+                # ground truth), which decides its small / medium / large range.
+                del record["bbox"]
                 record["segmentation"] = rle
         return records
 

@@ -230,6 +230,7 @@ def test_segm_evaluation_of_rle_masks(shift, perfect):
     for image, detection in zip(IMAGES, detections):
         detection["masks"] = rectangle_masks(image, [b for _, b in GT_BOXES[image["id"]]], shift)
     evaluator.update([image["id"] for image in IMAGES], detections)
+    assert "bbox" not in evaluator.records[0]  # so that the detection's area is its mask's
     ap = evaluator.summarize()["AP"]
     assert ap == pytest.approx(1.0) if perfect else 0.0 < ap < 1.0
 

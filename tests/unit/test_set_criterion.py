@@ -356,3 +356,28 @@ def test_criterion_masks_need_a_config_and_work_without_targets():
     losses = SetCriterion(2, HungarianMatcher(), mask_loss=MaskLossConfig())(outputs, empty)
     assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
     losses["loss_dice"].backward()
+
+
+@pytest.mark.parametrize("focal", [True, False])
+def test_batched_classification_loss_against_loops(focal):
+    """Two images, random logits and matching: the reference reductions written as loops."""
+    gen = torch.Generator().manual_seed(11)
+    num_classes, num_queries = 3, 4
+    logits = torch.randn(2, num_queries, num_classes + (0 if focal else 1), generator=gen)
+    targets = [{"labels": torch.tensor([2, 0, 2]), "boxes": torch.rand(3, 4, generator=gen) * 0.4 + 0.3},
+               {"labels": torch.tensor([1]), "boxes": torch.rand(1, 4, generator=gen) * 0.4 + 0.3}]
+    matching = [([3, 0, 1], [0, 2, 1]), ([2], [0])]
+    criterion = SetCriterion(num_classes, FixedMatcher(matching, focal), focal=focal, eos_coef=0.2)
+    loss = criterion({"pred_logits": logits, "pred_boxes": torch.rand(2, num_queries, 4)}, targets)["loss_ce"]
+    classes = [[num_classes] * num_queries for _ in range(2)]
+    for b, (queries, tgts) in enumerate(matching):
+        for q, t in zip(queries, tgts):
+            classes[b][q] = int(targets[b]["labels"][t])
+    if focal:
+        positives = [{(q, c) for q, c in enumerate(row) if c < num_classes} for row in classes]
+        expected = sum(hand_focal_sum(logits[b].tolist(), positives[b]) for b in range(2)) / 4  # 4 boxes
+    else:
+        weighted = [(0.2 if c == num_classes else 1.0, -logits[b, q].log_softmax(-1)[c].item())
+                    for b in range(2) for q, c in enumerate(classes[b])]
+        expected = sum(w * n for w, n in weighted) / sum(w for w, _ in weighted)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
