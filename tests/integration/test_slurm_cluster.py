@@ -1,0 +1,126 @@
+"""StageJob on the real local SLURM cluster (start it with `launch/slurm/cluster.sh up`).
+
+Skipped, with the reason, only when `sinfo` cannot reach a cluster. The cluster is found through
+SLURM_CONF, or else the default state folder of cluster.sh ($DETRFORGE_SLURM_HOME or .cache/slurm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from submitit.core.utils import FailedJobError
+
+from launch.executors import ClusterConfig, load_cluster_config, make_executor
+from launch.job import STOP_FILE_NAME, StageJob
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
+
+
+def _default_slurm_conf() -> Path:
+    home = os.environ.get("DETRFORGE_SLURM_HOME") or REPO / ".cache" / "slurm"
+    return Path(home) / "etc" / "slurm.conf"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> ClusterConfig:
+    """The local cluster's config; SLURM_CONF set for this module (jobs inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if "SLURM_CONF" not in os.environ and _default_slurm_conf().exists():
+            patch.setenv("SLURM_CONF", str(_default_slurm_conf()))
+        if shutil.which("sinfo") is None:
+            pytest.skip("local SLURM cluster is not up: no `sinfo` (run launch/slurm/cluster.sh up)")
+        probe = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], capture_output=True,
+                               text=True, timeout=20)
+        if probe.returncode != 0:
+            pytest.skip(f"local SLURM cluster is not up: sinfo failed ({probe.stderr.strip()}); "
+                        "run launch/slurm/cluster.sh up")
+        yield load_cluster_config(REPO / "configs" / "clusters" / "local.yaml")
+
+
+def job_state(job) -> str:
+    return job.get_info(mode="force").get("State", "UNKNOWN")
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.25)
+
+
+def submit(cluster: ClusterConfig, tmp_path: Path, target: str, kwargs: dict, name: str,
+           dependency: str | None = None, **overrides):
+    config = ClusterConfig(**{**cluster.__dict__, "tasks_per_node": 1, **overrides})
+    executor = make_executor("slurm", tmp_path / "submitit" / "%j", config, job_name=name,
+                             dependency=dependency)
+    return executor.submit(StageJob(target, kwargs, tmp_path / name, config.max_requeues))
+
+
+def test_two_ranks_all_reduce_with_gloo_on_fake_gpus(cluster, tmp_path):
+    job = submit(cluster, tmp_path, "launch.selftest:all_reduce_ranks", {}, "allreduce",
+                 gpus_per_node=2, tasks_per_node=None)
+    results = job.results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world_size"] == 2 and r["total"] == 3.0 for r in results)
+    assert len({(r["master_addr"], r["master_port"]) for r in results}) == 1
+    assert all(r["cuda_visible_devices"] == "0,1" for r in results)  # gres gpu:2 was granted
+    # Accounting (what submitit and sacct read) trails the controller by a moment.
+    wait_for(lambda: job_state(job) == "COMPLETED", 30, "sacct to report COMPLETED")
+
+
+def test_failing_parent_cancels_its_afterok_dependant(cluster, tmp_path):
+    parent = submit(cluster, tmp_path, "launch.selftest:fail", {"message": "parent"}, "parent")
+    marker = tmp_path / "child-ran"
+    child = submit(cluster, tmp_path, "launch.selftest:write_marker", {"path": str(marker)}, "child",
+                   dependency=f"afterok:{parent.job_id}")
+    with pytest.raises(FailedJobError, match="selftest failure on purpose"):
+        parent.result()
+    wait_for(lambda: job_state(child) == "CANCELLED", 60, "the dependant to be cancelled")
+    reason = subprocess.run(["squeue", "-h", "-t", "all", "-j", child.job_id, "-o", "%r"],
+                            capture_output=True, text=True).stdout.strip()
+    assert reason == "DependencyNeverSatisfied"
+    # child.result() would raise UncompletedJobError, after waiting submitit's 15 s for a result
+    # file that a cancelled job never writes: callers look at the state first.
+    assert not marker.exists()
+
+
+def test_scontrol_requeue_reruns_the_job_under_the_same_id(cluster, tmp_path):
+    job = submit(cluster, tmp_path, "launch.selftest:count_attempts", {"wait_s": 120}, "requeue")
+    wait_for(lambda: (tmp_path / "requeue" / "attempts").exists(), 60, "the first attempt")
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
+    result = job.result()
+    assert result == {"attempts": 2, "restart_count": 1, "is_restart": True, "job_id": job.job_id}
+
+
+def test_stop_signal_saves_at_a_step_boundary_then_requeues_and_resumes(cluster, tmp_path):
+    run = tmp_path / "stop"
+    job = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
+                 {"steps": 12, "step_s": 0.5}, "stop")
+    wait_for(lambda: (run / "started").exists(), 60, "the first attempt")
+    time.sleep(1.0)
+    # What SLURM does signal_delay_s before the time limit: USR2 to every task of the job.
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
+    result = job.result()
+    saved = json.loads((run / "saved.json").read_text())["step"]
+    assert 0 < saved < 12
+    assert result == {"resumed_from": saved, "final_step": 12, "restart_count": 1,
+                      "job_id": job.job_id}
+    assert (run / STOP_FILE_NAME).read_text().strip() == f"{job.job_id}:0"
+
+
+def test_stop_signal_past_max_requeues_fails_the_job(cluster, tmp_path):
+    job = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
+                 {"steps": 200, "step_s": 0.5}, "limit", max_requeues=0)
+    wait_for(lambda: (tmp_path / "limit" / "started").exists(), 60, "the job to start")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
+    with pytest.raises(FailedJobError, match="not requeued"):
+        job.result()
+    assert json.loads((tmp_path / "limit" / "saved.json").read_text())["step"] > 0
