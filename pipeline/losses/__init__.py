@@ -7,6 +7,7 @@ from pipeline.losses.classification import (
     label_smoothing_cross_entropy,
     soft_target_cross_entropy,
 )
+from pipeline.losses.focal import sigmoid_focal_loss
 from pipeline.losses.masks import MaskLossConfig, dice_loss, mask_losses, point_sample
 from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
 from pipeline.losses.set_criterion import (
@@ -14,7 +15,6 @@ from pipeline.losses.set_criterion import (
     LossWeights,
     SetCriterion,
     build_criterion,
-    sigmoid_focal_loss,
 )
 
 __all__ = [

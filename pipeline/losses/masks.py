@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.losses.focal import sigmoid_focal_loss
+
 
 @dataclass
 class MaskLossConfig:
@@ -47,18 +49,6 @@ def dice_loss(logits: Tensor, targets: Tensor, num_masks: Tensor | float) -> Ten
 def sigmoid_bce_loss(logits: Tensor, targets: Tensor, num_masks: Tensor | float) -> Tensor:
     """Binary cross-entropy of (M, P) logits, mean over points, summed / num_masks."""
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
-
-
-def sigmoid_focal_mask_loss(logits: Tensor, targets: Tensor, num_masks: Tensor | float,
-                            alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Focal loss of (M, P) logits, mean over points, summed / num_masks (DETR's loss_mask)."""
-    prob = logits.sigmoid()
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = bce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_masks
 
 
 def point_sample(features: Tensor, coords: Tensor) -> Tensor:
@@ -120,7 +110,7 @@ def mask_losses(pred_masks: Tensor, target_masks: Tensor, num_masks: Tensor | fl
         pred_points = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False).flatten(1)
         target_points = target.flatten(1)
     if cfg.focal:
-        per_pixel = sigmoid_focal_mask_loss(pred_points, target_points, num_masks, cfg.focal_alpha, cfg.focal_gamma)
+        per_pixel = sigmoid_focal_loss(pred_points, target_points, num_masks, cfg.focal_alpha, cfg.focal_gamma)
     else:
         per_pixel = sigmoid_bce_loss(pred_points, target_points, num_masks)
     return {"loss_mask": per_pixel, "loss_dice": dice_loss(pred_points, target_points, num_masks)}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from pipeline.losses.focal import sigmoid_focal_loss
 from pipeline.losses.masks import MaskLossConfig, mask_losses, pad_masks
 from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
 
@@ -97,22 +98,6 @@ def build_criterion(cfg: CriterionConfig, num_classes: int) -> SetCriterion:
     return SetCriterion(num_classes=num_classes, matcher=build_matcher(cfg.matcher),
                         focal=cfg.matcher.focal, focal_alpha=cfg.focal_alpha,
                         focal_gamma=cfg.focal_gamma, eos_coef=cfg.eos_coef, mask_loss=cfg.masks)
-
-
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor | float,
-                       alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Focal loss (Lin et al. 2017) of (B, Q, C) logits against (B, Q, C) {0, 1} targets.
-
-    Reduced as the reference code does: mean over dim 1 (queries), summed, divided by num_boxes.
-    A negative ``alpha`` disables the class balancing.
-    """
-    prob = logits.sigmoid()
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = bce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
 
 
 def average_num_boxes(targets: list[dict], device: torch.device) -> Tensor:

@@ -300,6 +300,9 @@ def test_full_resolution_mask_losses_by_hand():
     dice = 1 - (2 * 12 * p_in + 1) / (12 * p_in + 36 * p_out + 12 + 1)
     assert losses["loss_mask"].item() == pytest.approx(bce, rel=1e-5)
     assert losses["loss_dice"].item() == pytest.approx(dice, rel=1e-5)
+    focal = mask_losses(pred, target, 2.0, MaskLossConfig(num_points=0, focal=True))["loss_mask"]
+    hand = (12 * 0.25 * (1 - p_in) ** 2 * -math.log(p_in) + 36 * 0.75 * p_out**2 * -math.log(1 - p_out)) / 48 / 2
+    assert focal.item() == pytest.approx(hand, rel=1e-5)
 
 
 def test_point_sampled_losses_approach_full_resolution():
