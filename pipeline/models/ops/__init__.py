@@ -3,6 +3,7 @@
 from pipeline.models.ops.ms_deform_attn import (
     MSDeformAttnInputError,
     ms_deform_attn,
+    ms_deform_attn_canvas,
     ms_deform_attn_gather,
     ms_deform_attn_grid_sample,
     register_kernel,
@@ -13,6 +14,7 @@ __all__ = [
     "MSDeformAttn",
     "MSDeformAttnInputError",
     "ms_deform_attn",
+    "ms_deform_attn_canvas",
     "ms_deform_attn_gather",
     "ms_deform_attn_grid_sample",
     "register_kernel",

@@ -1,0 +1,233 @@
+"""Time and memory of one Deformable-DETR training step and of ``ms_deform_attn`` alone, side by
+side with HF transformers' ``DeformableDetrForObjectDetection`` and its
+``MultiScaleDeformableAttention`` at the same sizes.
+
+    python benchmarks/detr_step.py --out results/ [--config r50] [--dtype bf16] [--device cuda]
+
+Writes ``<out>/detr_step.json``. The peer needs ``pip install transformers`` (the ``bench``
+extra); without it the peer rows are skipped with a note. The step is forward + backward of a
+loss-free proxy (mean of the last layer's logits and boxes) for both models, so the matcher and
+criterion (CPU-bound Hungarian matching) do not blur the model comparison. On CUDA, times come
+from CUDA events after warm-up and memory from ``max_memory_allocated``; on CPU, wall time only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pipeline.models import BackboneConfig, DetectorConfig, build_detector
+from pipeline.models.ops import ms_deform_attn
+
+# named configs: detector sizes + input size; "r50" is the paper's Deformable DETR
+CONFIGS: dict[str, dict] = {
+    "r50": dict(backbone="resnet50", hidden_dim=256, enc_layers=6, dec_layers=6, num_queries=300,
+                dim_feedforward=1024, levels=4, points=4, heads=8, height=800, width=1088, batch=2),
+    "r50-refine-2stage": dict(backbone="resnet50", hidden_dim=256, enc_layers=6, dec_layers=6, num_queries=300,
+                              dim_feedforward=1024, levels=4, points=4, heads=8, height=800, width=1088,
+                              batch=2, box_refine=True, two_stage=True),
+    "tiny": dict(backbone="resnet18", hidden_dim=64, enc_layers=2, dec_layers=2, num_queries=50,
+                 dim_feedforward=128, levels=4, points=4, heads=4, height=256, width=320, batch=2),
+}
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict:
+    """Mean milliseconds per call of ``fn`` and peak memory (CUDA only)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return {"ms": start.elapsed_time(end) / steps, "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    begin = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return {"ms": (time.perf_counter() - begin) * 1000 / steps, "peak_mem_mb": None}
+
+
+def autocast(device: torch.device, dtype: str):
+    enabled = dtype == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def ours_model(spec: dict, num_classes: int) -> torch.nn.Module:
+    backbone = BackboneConfig(name=spec["backbone"], out_strides=[8, 16, 32], frozen_stages=2)
+    cfg = DetectorConfig(
+        kind="deformable", num_classes=num_classes, num_queries=spec["num_queries"], hidden_dim=spec["hidden_dim"],
+        num_feature_levels=spec["levels"], enc_layers=spec["enc_layers"], dec_layers=spec["dec_layers"],
+        nheads=spec["heads"], enc_n_points=spec["points"], dec_n_points=spec["points"],
+        dim_feedforward=spec["dim_feedforward"], two_stage=spec.get("two_stage", False),
+        box_refine=spec.get("box_refine", False), backbone=backbone,
+    )
+    return build_detector(cfg)
+
+
+def hf_model(spec: dict, num_classes: int) -> torch.nn.Module:
+    """The peer model at the same sizes, random init, timm backbone (no download)."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    config = DeformableDetrConfig(
+        use_timm_backbone=True, backbone=spec["backbone"], use_pretrained_backbone=False,
+        num_labels=num_classes, num_queries=spec["num_queries"], d_model=spec["hidden_dim"],
+        encoder_layers=spec["enc_layers"], decoder_layers=spec["dec_layers"],
+        encoder_attention_heads=spec["heads"], decoder_attention_heads=spec["heads"],
+        encoder_ffn_dim=spec["dim_feedforward"], decoder_ffn_dim=spec["dim_feedforward"],
+        num_feature_levels=spec["levels"], encoder_n_points=spec["points"], decoder_n_points=spec["points"],
+        two_stage=spec.get("two_stage", False), with_box_refine=spec.get("box_refine", False),
+        two_stage_num_proposals=spec["num_queries"],
+    )
+    return DeformableDetrForObjectDetection(config)
+
+
+def step_fn(model: torch.nn.Module, images, mask, device, dtype: str, peer: bool) -> Callable[[], None]:
+    def run() -> None:
+        with autocast(device, dtype):
+            if peer:
+                out = model(pixel_values=images, pixel_mask=(~mask).long())
+                logits, boxes = out.logits, out.pred_boxes
+            else:
+                out = model(images, mask)
+                logits, boxes = out["pred_logits"], out["pred_boxes"]
+            loss = logits.float().mean() + boxes.float().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def bench_models(spec: dict, device: torch.device, args) -> dict:
+    batch, height, width = spec["batch"], spec["height"], spec["width"]
+    images = torch.randn(batch, 3, height, width, device=device)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    mask[1:, :, width * 3 // 4 :] = True  # a padded image, as in a real batch
+    result = {}
+    torch.manual_seed(0)
+    model = ours_model(spec, args.num_classes).to(device).train()
+    result["ours"] = timed(step_fn(model, images, mask, device, args.dtype, peer=False), device, args.warmup, args.steps)
+    result["ours"]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    del model
+    try:
+        peer = hf_model(spec, args.num_classes).to(device).train()
+    except ImportError as error:
+        result["peer_note"] = f"transformers not installed ({error}); pip install transformers to compare"
+        return result
+    result["hf"] = timed(step_fn(peer, images, mask, device, args.dtype, peer=True), device, args.warmup, args.steps)
+    result["hf"]["params_m"] = sum(p.numel() for p in peer.parameters()) / 1e6
+    result["time_ratio_ours_over_hf"] = result["ours"]["ms"] / result["hf"]["ms"]
+    return result
+
+
+def attention_inputs(spec: dict, device: torch.device, queries: int, dtype: torch.dtype):
+    """Encoder-like inputs: levels at strides 8..64 of the image, ``queries`` queries."""
+    shapes = [(math.ceil(spec["height"] / s), math.ceil(spec["width"] / s)) for s in (8, 16, 32, 64)[: spec["levels"]]]
+    spatial = torch.tensor(shapes, dtype=torch.long, device=device)
+    tokens = sum(h * w for h, w in shapes)
+    heads, channels = spec["heads"], spec["hidden_dim"] // spec["heads"]
+    batch, levels, points = spec["batch"], spec["levels"], spec["points"]
+    make = dict(device=device, dtype=dtype, requires_grad=True)
+    value = torch.randn(batch, tokens, heads, channels, **make)
+    locations = torch.rand(batch, queries, heads, levels, points, 2, **make)
+    weights = torch.rand(batch, queries, heads, levels, points, **make)
+    return value, spatial, locations, weights
+
+
+def hf_attention() -> Callable | None:
+    """Peer op with our call signature, from HF's module (or function, older versions)."""
+    try:
+        from transformers.models.deformable_detr import modeling_deformable_detr as hf
+    except ImportError:
+        return None
+    if hasattr(hf, "MultiScaleDeformableAttention"):
+        module = hf.MultiScaleDeformableAttention()
+        names = inspect.signature(module.forward).parameters
+
+        def run(value, spatial, locations, weights):
+            given = dict(
+                value=value, value_spatial_shapes=spatial, value_spatial_shapes_list=[tuple(s) for s in spatial.tolist()],
+                level_start_index=torch.cat([spatial.new_zeros(1), spatial.prod(1).cumsum(0)[:-1]]),
+                sampling_locations=locations, attention_weights=weights, im2col_step=64,
+            )
+            return module(**{k: v for k, v in given.items() if k in names})
+
+        return run
+    return lambda value, spatial, locations, weights: hf.multi_scale_deformable_attention(value, spatial, locations, weights)
+
+
+def bench_attention(spec: dict, device: torch.device, args) -> dict:
+    result = {}
+    for role, queries in (("encoder", None), ("decoder", spec["num_queries"])):
+        dtype = torch.float32
+        probe = attention_inputs(spec, device, 1, dtype)
+        queries = probe[0].shape[1] if queries is None else queries
+        inputs = attention_inputs(spec, device, queries, dtype)
+        entry = {"queries": queries, "tokens": inputs[0].shape[1]}
+        candidates = {
+            "ours_gather": lambda *a: ms_deform_attn(*a, impl="gather"),
+            "ours_grid_sample": lambda *a: ms_deform_attn(*a, impl="grid_sample"),
+            "ours_canvas": lambda *a: ms_deform_attn(*a, impl="canvas"),
+            "ours_default": ms_deform_attn,
+        }
+        peer = hf_attention()
+        if peer is not None:
+            candidates["hf"] = peer
+        for name, op in candidates.items():
+            def run(op=op, inputs=inputs):
+                op(*inputs).sum().backward()
+            entry[name] = timed(run, device, args.warmup, args.steps)
+        if peer is None:
+            entry["peer_note"] = "transformers not installed; pip install transformers to compare"
+        else:
+            for name in ("ours_gather", "ours_grid_sample", "ours_canvas", "ours_default"):
+                entry[f"time_ratio_{name}_over_hf"] = entry[name]["ms"] / entry["hf"]["ms"]
+        result[role] = entry
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder for detr_step.json")
+    parser.add_argument("--config", default="r50", choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype of the step")
+    parser.add_argument("--batch", type=int, default=None, help="override the config's batch size")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=91)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--skip-model", action="store_true", help="only time ms_deform_attn")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = dict(CONFIGS[args.config])
+    spec.update({k: getattr(args, k) for k in ("batch", "height", "width") if getattr(args, k) is not None})
+    device = torch.device(args.device)
+    report = {
+        "config": args.config, "spec": spec, "dtype": args.dtype, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+    }
+    report["ms_deform_attn"] = bench_attention(spec, device, args)
+    if not args.skip_model:
+        report["train_step"] = bench_models(spec, device, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "detr_step.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
