@@ -63,6 +63,38 @@ def partition_shards(
     return part[stream::num_streams] if len(part) >= num_streams else part
 
 
+class _NumpyTransfer:
+    """Batches cross the worker -> trainer queue as numpy arrays, not torch tensors.
+
+    torch moves every tensor through its own shared-memory segment, which costs more than
+    the decoding itself for small images with a handful of small target tensors each; pickled
+    numpy arrays are one copy. ``torch.from_numpy`` on the other side copies nothing.
+    """
+
+    @staticmethod
+    def pack(obj):
+        if isinstance(obj, torch.Tensor):
+            return _NumpyTransfer(obj.numpy())
+        if isinstance(obj, dict):
+            return {k: _NumpyTransfer.pack(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(_NumpyTransfer.pack(v) for v in obj)
+        return obj
+
+    @staticmethod
+    def unpack(obj):
+        if isinstance(obj, _NumpyTransfer):
+            return torch.from_numpy(obj.array)
+        if isinstance(obj, dict):
+            return {k: _NumpyTransfer.unpack(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(_NumpyTransfer.unpack(v) for v in obj)
+        return obj
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+
 class _ErrorCounter:
     """A webdataset exception handler that counts errors instead of raising."""
 
@@ -132,7 +164,8 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         plan, info = self.plan, torch.utils.data.get_worker_info()
         if info is not None:
-            yield from self._batches((info.id + plan.stream_offset) % plan.num_streams)
+            for item in self._batches((info.id + plan.stream_offset) % plan.num_streams):
+                yield dict(item, batch=_NumpyTransfer.pack(item["batch"]))
             return
         # In-process: interleave the streams exactly as DataLoader workers would be.
         order = [(plan.stream_offset + j) % plan.num_streams for j in range(plan.num_streams)]
@@ -284,7 +317,7 @@ class TrainLoader(_LoaderBase):
                 self.positions[item["stream"]] = item["position"]
                 self.batches_in_epoch += 1
                 self.skipped.update(item["skipped"])
-                yield item["batch"]
+                yield _NumpyTransfer.unpack(item["batch"])
         finally:
             del batches  # shuts the workers down now, also when the consumer stops early
         self._roll_epoch_if_done()
@@ -343,6 +376,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        pack = _NumpyTransfer.pack if info is not None else (lambda batch: batch)
         offsets = np.concatenate([[0], np.cumsum(self.info.counts)]).tolist()
         batch, skipped, errors = [], Counter(), _ErrorCounter()
         for shard_index in range(worker, len(self.info.shards), workers):
@@ -354,11 +388,14 @@ class EvalStream(IterableDataset):
                 if item is not None:
                     batch.append(item)
                 if len(batch) == self.batch_size:
-                    yield {"batch": self.collate(batch), "skipped": dict(skipped + errors.drain())}
+                    yield {
+                        "batch": pack(self.collate(batch)),
+                        "skipped": dict(skipped + errors.drain()),
+                    }
                     batch, skipped = [], Counter()
         if batch or skipped or errors.counts:
             yield {
-                "batch": self.collate(batch) if batch else None,
+                "batch": pack(self.collate(batch)) if batch else None,
                 "skipped": dict(skipped + errors.drain()),
             }
 
@@ -403,7 +440,7 @@ class EvalLoader(_LoaderBase):
         for item in DataLoader(dataset, batch_size=None, num_workers=workers, **extra):
             self.skipped.update(item["skipped"])
             if item["batch"] is not None:
-                yield item["batch"]
+                yield _NumpyTransfer.unpack(item["batch"])
 
     def state_dict(self) -> dict:
         """Evaluation has no position to keep; only the skip counts."""
