@@ -71,8 +71,7 @@ def _run_of(tracker_or_run_id: Tracker | str, tracking_uri: str | None) -> tuple
         return tracker_or_run_id, tracking_uri
     if not isinstance(tracker_or_run_id, MlflowTracker):
         return None, ""  # ranks > 0 and disabled tracking register nothing
-    # The run must exist and hold everything logged before the export.
-    tracker_or_run_id.flush(timeout_s=tracker_or_run_id.cfg.finish_timeout_s)
+    tracker_or_run_id.flush()  # the run must exist and hold what was logged before, bounded wait
     return tracker_or_run_id.run_id, tracking_uri or tracker_or_run_id.tracking_uri
 
 
@@ -103,7 +102,9 @@ def register_model(
     except Exception as err:
         if strict:
             raise
-        log.warning("registry: %s was not registered (%s); the export stays in %s", name, err, export_dir)
+        log.warning(
+            "registry: %s was not registered (%s); the export stays in %s", name, err, export_dir
+        )
         return None
 
 
@@ -117,7 +118,9 @@ def _free_artifact_path(client, run_id: str) -> str:
     return path
 
 
-def _register(client, run_id: str, export_dir: Path, name: str, tags: Mapping, aliases: tuple) -> int:
+def _register(
+    client, run_id: str, export_dir: Path, name: str, tags: Mapping, aliases: tuple
+) -> int:
     artifact_path = _free_artifact_path(client, run_id)
     client.log_artifacts(run_id, str(export_dir), artifact_path=artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
@@ -193,7 +196,10 @@ def _model_version(client, name: str, version: int | None, alias: str | None):
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, str(version))
     except Exception as err:
-        if getattr(err, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if getattr(err, "error_code", None) not in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+        ):
             raise
         wanted = f"alias {alias!r}" if alias is not None else f"version {version}"
         raise RegistryError(
@@ -218,5 +224,7 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     try:
         _check_export(local)
     except RegistryError as err:
-        raise RegistryError(f"pipeline/registry.py: {uri} (version {mv.version}) is not an export: {err}") from err
+        raise RegistryError(
+            f"pipeline/registry.py: {uri} (version {mv.version}) is not an export: {err}"
+        ) from err
     return local

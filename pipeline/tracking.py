@@ -20,7 +20,6 @@ import re
 import sys
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +53,14 @@ class TrackingConfig:
     """Where runs are tracked and how hard the tracker tries to reach the server."""
 
     enabled: bool = True  # False: no MLflow; rank 0 still writes logs/metrics.jsonl
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db
     experiment: str = "detrforge"  # MLflow experiment holding the pipeline's runs
     http_timeout_s: int = 10  # MLFLOW_HTTP_REQUEST_TIMEOUT unless set in the environment
     http_max_retries: int = 1  # MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set in the environment
     http_backoff_factor: int = 1  # MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR unless set in the environment
     retry_interval_s: float = 2.0  # first wait before resending after a failure (then doubles)
     max_retry_interval_s: float = 60.0  # cap on that wait
-    max_queued_metrics: int = 100_000  # beyond this the oldest unsent ones are dropped (not from jsonl)
+    max_queued_metrics: int = 100_000  # beyond it the oldest unsent are dropped (jsonl keeps all)
     start_timeout_s: float = 30.0  # build_tracker's wait for a new run (a new SQLite store: ~6 s)
     finish_timeout_s: float = 30.0  # how long finish() waits for the queue to drain
 
@@ -72,11 +71,13 @@ class TrackingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "http_timeout_s" and value == 0):
                 raise ValueError(f"TrackingConfig.{name} must be a non-negative int, got {value!r}")
-        for name in ("retry_interval_s", "max_retry_interval_s", "start_timeout_s", "finish_timeout_s"):
+        for name in ("retry_interval_s", "max_retry_interval_s", "start_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrackingConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_queued_metrics < 1:
-            raise ValueError(f"TrackingConfig.max_queued_metrics must be >= 1, got {self.max_queued_metrics}")
+        if self.finish_timeout_s < 0 or self.max_queued_metrics < 1:
+            raise ValueError(
+                "TrackingConfig: finish_timeout_s must be >= 0, max_queued_metrics >= 1"
+            )
 
 
 def embedded_tracking_uri(workdir: str | Path) -> str:
@@ -174,7 +175,9 @@ def _clean_key(key: str) -> str:
 def _clip(value: str, limit: int, key: str) -> str:
     if len(value) <= limit:
         return value
-    log.warning("tracking: value of %r has %d chars, MLflow keeps %d; truncated", key, len(value), limit)
+    log.warning(
+        "tracking: value of %r has %d chars, MLflow keeps %d; truncated", key, len(value), limit
+    )
     suffix = "...[truncated]"
     return value[: limit - len(suffix)] + suffix
 
@@ -188,31 +191,26 @@ def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-class Tracker(ABC):
-    """What the training loop and the stages log to. Only rank 0 gets one that sends anything."""
+class Tracker:
+    """What the training loop and the stages log to. This base logs nothing (ranks other than 0)."""
 
     @property
     def run_id(self) -> str | None:
         """MLflow run id (None when not tracked or not created yet). Saved in checkpoints."""
         return None
 
-    @abstractmethod
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (nested) parameters; nested keys become dotted ones."""
 
-    @abstractmethod
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalar metrics at a global step. Returns at once; never raises on network errors."""
 
-    @abstractmethod
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file (in the background)."""
 
-    @abstractmethod
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         """Upload a folder's content (in the background)."""
 
-    @abstractmethod
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values become strings)."""
 
@@ -220,9 +218,12 @@ class Tracker(ABC):
         """Wait until everything logged so far is sent; False when timeout_s ran out first."""
         return True
 
-    @abstractmethod
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (status in RUN_STATUSES), sending what is queued within a bounded wait."""
+        if status not in RUN_STATUSES:
+            raise TrackingError(
+                f"pipeline/tracking.py: run status {status!r} not in {RUN_STATUSES}"
+            )
 
     def __enter__(self) -> Tracker:
         return self
@@ -231,31 +232,8 @@ class Tracker(ABC):
         self.finish("FINISHED" if exc_type is None else "FAILED")
 
 
-def _check_status(status: str) -> None:
-    if status not in RUN_STATUSES:
-        raise TrackingError(f"pipeline/tracking.py: run status {status!r} is not one of {RUN_STATUSES}")
-
-
 class NullTracker(Tracker):
-    """Logs nothing anywhere: ranks other than 0."""
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
-
-    def finish(self, status: str = "FINISHED") -> None:
-        _check_status(status)
+    """Logs nothing anywhere: ranks other than 0, and rank 0 with tracking off and no run folder."""
 
 
 class MetricsFileTracker(NullTracker):
@@ -280,7 +258,7 @@ class MetricsFileTracker(NullTracker):
             self._file.flush()  # a crash or a SIGKILL right after must not lose the line
 
     def finish(self, status: str = "FINISHED") -> None:
-        _check_status(status)
+        super().finish(status)
         with self._lock:
             if self._file is not None:
                 self._file.close()
@@ -387,18 +365,25 @@ class _RunSender:
                 if self._abandon or not self._ops:
                     return
                 batch = self._take_batch()
-                self._busy = True
+                self._busy, self._wake = True, False
             outcome = self._attempt(batch)
             with self._cond:
                 self._busy = False
                 if outcome == "retry":
                     self._ops.extendleft(reversed(batch))
-                    self._queued_metrics += sum(len(op.payload) for op in batch if op.kind == "metrics")
+                    self._queued_metrics += sum(
+                        len(op.payload) for op in batch if op.kind == "metrics"
+                    )
                 self._cond.notify_all()
                 if outcome == "retry":
-                    self._wake = False
-                    self._cond.wait_for(lambda: self._abandon or self._wake, delay)
-            delay = min(delay * 2, self.cfg.max_retry_interval_s) if outcome == "retry" else self.cfg.retry_interval_s
+                    # While finishing, retry at the short interval: the wait there is bounded.
+                    wait_s = self.cfg.retry_interval_s if self._stopping else delay
+                    self._cond.wait_for(lambda: self._abandon or self._wake, wait_s)
+            delay = (
+                min(delay * 2, self.cfg.max_retry_interval_s)
+                if outcome == "retry"
+                else self.cfg.retry_interval_s
+            )
 
     def _take_batch(self) -> list[_Op]:
         """The head operation; consecutive metric operations are merged into one log_batch."""
@@ -428,7 +413,9 @@ class _RunSender:
             self._reject(batch, err)
             return "drop"
         if self._down:
-            log.warning("tracking: MLflow at %s is reachable again; sending the queue", self.tracking_uri)
+            log.warning(
+                "tracking: MLflow at %s is reachable again; sending the queue", self.tracking_uri
+            )
             self._down = False
         return "sent"
 
@@ -436,7 +423,11 @@ class _RunSender:
         if batch[0].kind != "open":
             log.warning("tracking: MLflow rejected %s (%s); dropped", batch[0].kind, err)
             return
-        log.warning("tracking: cannot open an MLflow run at %s (%s); tracking is off", self.tracking_uri, err)
+        log.warning(
+            "tracking: cannot open an MLflow run at %s (%s); tracking is off",
+            self.tracking_uri,
+            err,
+        )
         with self._cond:
             self._disabled = True
             self._ops.clear()
@@ -513,7 +504,11 @@ class MlflowTracker(Tracker):
             except Exception as err:
                 if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                log.warning("tracking: run %s is not in %s; starting a new run", self._resume_run_id, self.tracking_uri)
+                log.warning(
+                    "tracking: run %s is not in %s; starting a new run",
+                    self._resume_run_id,
+                    self.tracking_uri,
+                )
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
@@ -528,7 +523,9 @@ class MlflowTracker(Tracker):
         name = self.cfg.experiment
         if self.tracking_uri.startswith("sqlite:///"):
             # SQLite creates the database file but not its folder.
-            Path(self.tracking_uri[len("sqlite:///") :].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.tracking_uri[len("sqlite:///") :].split("?", 1)[0]).parent.mkdir(
+                parents=True, exist_ok=True
+            )
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
@@ -554,26 +551,27 @@ class MlflowTracker(Tracker):
         self._sender.push(_Op("metrics", [(k, v, now_ms, int(step)) for k, v in values.items()]))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not Path(path).is_file():
-            log.warning("tracking: artifact %s is not a file; not logged", path)
-            return
-        self._sender.push(_Op("artifact", (str(Path(path).resolve()), artifact_path)))
+        self._push_artifact("artifact", Path(path), artifact_path, Path.is_file)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        if not Path(directory).is_dir():
-            log.warning("tracking: artifact folder %s is not a folder; not logged", directory)
+        self._push_artifact("artifacts", Path(directory), artifact_path, Path.is_dir)
+
+    def _push_artifact(self, kind: str, path: Path, artifact_path: str | None, exists) -> None:
+        if not exists(path):  # a missing file is a warning, not a reason to stop training
+            log.warning("tracking: %s %s does not exist; not logged", kind, path)
             return
-        self._sender.push(_Op("artifacts", (str(Path(directory).resolve()), artifact_path)))
+        self._sender.push(_Op(kind, (str(path.resolve()), artifact_path)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [(_clean_key(k), _clip(str(v), _MAX_TAG_VALUE_CHARS, k)) for k, v in tags.items()]
         self._sender.push(_Op("tags", items))
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        return self._sender.flush(timeout_s)
+        """Wait for the queue to drain, at most timeout_s (None: cfg.finish_timeout_s)."""
+        return self._sender.flush(self.cfg.finish_timeout_s if timeout_s is None else timeout_s)
 
     def finish(self, status: str = "FINISHED") -> None:
-        _check_status(status)
+        super().finish(status)
         if self._finished:
             return
         self._finished = True
@@ -607,12 +605,13 @@ def build_tracker(
     metrics_path = Path(run_folder) / "logs" / "metrics.jsonl" if run_folder is not None else None
     if not cfg.enabled:
         return MetricsFileTracker(metrics_path) if metrics_path is not None else NullTracker()
-    tracker = MlflowTracker(
-        tracking_uri_for(workdir, cfg), cfg, run_name, parent_run_id, resume_run_id, metrics_path, tags
-    )
+    uri = tracking_uri_for(workdir, cfg)
+    tracker = MlflowTracker(uri, cfg, run_name, parent_run_id, resume_run_id, metrics_path, tags)
     # A new run's id is needed at once (checkpoints, child runs); a dead server must not hang us.
     if tracker.run_id is None and not tracker.wait_until_started(cfg.start_timeout_s):
-        log.warning("tracking: no MLflow run after %.0f s; training starts anyway", cfg.start_timeout_s)
+        log.warning(
+            "tracking: no MLflow run after %.0f s; training starts anyway", cfg.start_timeout_s
+        )
     return tracker
 
 
@@ -626,4 +625,6 @@ def start_parent_run(
 ) -> Tracker:
     """The run of one pipeline invocation; pass its `run_id` as parent_run_id to each stage."""
     parent_tags = {"detrforge.kind": "pipeline", **(tags or {})}
-    return build_tracker(cfg, workdir, rank, pipeline_name, resume_run_id=resume_run_id, tags=parent_tags)
+    return build_tracker(
+        cfg, workdir, rank, pipeline_name, resume_run_id=resume_run_id, tags=parent_tags
+    )

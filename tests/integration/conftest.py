@@ -40,7 +40,9 @@ class MlflowServer:
         env.pop("MLFLOW_TRACKING_URI", None)
         log = (self.folder / "server.log").open("ab")
         # Own process group: the server starts worker processes that must die with it.
-        self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            argv, stdout=log, stderr=log, env=env, start_new_session=True
+        )
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -119,13 +119,23 @@ def test_ui_command_serves_the_workdir_store(tmp_path):
     assert argv[:4] == [sys.executable, "-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == embedded_tracking_uri(tmp_path / "runs")
     assert argv[argv.index("--backend-store-uri") + 1].endswith("/runs/mlflow.db")
-    assert argv[argv.index("--artifacts-destination") + 1] == (tmp_path / "runs/mlartifacts").as_uri()
+    assert (
+        argv[argv.index("--artifacts-destination") + 1] == (tmp_path / "runs/mlartifacts").as_uri()
+    )
     assert argv[argv.index("--port") + 1] == "5123" and argv[argv.index("--host") + 1] == "0.0.0.0"
 
 
 def test_flatten_params_uses_dotted_keys():
-    flat = flatten_params({"model": {"dim": 256, "heads": {"n": 8}}, "lr": 1e-4, "sizes": [1, 2], "x": None})
-    assert flat == {"model.dim": "256", "model.heads.n": "8", "lr": "0.0001", "sizes": "[1, 2]", "x": "null"}
+    flat = flatten_params(
+        {"model": {"dim": 256, "heads": {"n": 8}}, "lr": 1e-4, "sizes": [1, 2], "x": None}
+    )
+    assert flat == {
+        "model.dim": "256",
+        "model.heads.n": "8",
+        "lr": "0.0001",
+        "sizes": "[1, 2]",
+        "x": "null",
+    }
 
 
 def test_importing_tracking_does_not_import_mlflow_and_disables_telemetry():
@@ -135,7 +145,9 @@ def test_importing_tracking_does_not_import_mlflow_and_disables_telemetry():
         "print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "true"
 
@@ -147,7 +159,9 @@ def test_run_with_params_metrics_and_artifact_is_found_by_search_runs(tmp_path, 
     import mlflow
 
     workdir = new_workdir()
-    tracker = build_tracker(_cfg(), workdir, rank=0, run_name="detr_pretrain", run_folder=tmp_path / "stage")
+    tracker = build_tracker(
+        _cfg(), workdir, rank=0, run_name="detr_pretrain", run_folder=tmp_path / "stage"
+    )
     assert isinstance(tracker, MlflowTracker) and tracker.run_id
     tracker.log_params({"optim": {"lr": 2e-4, "betas": [0.9, 0.999]}, "epochs": 3})
     for step in range(4):
@@ -196,9 +210,14 @@ def test_resume_reattaches_to_the_same_run_and_metrics_continue(tmp_path, new_wo
     for step in range(3):
         first.log_metrics({"loss": float(step)}, step=step)
     first.finish("KILLED")  # preempted
-    second = build_tracker(_cfg(), workdir, 0, "stage", resume_run_id=first.run_id, run_folder=folder)
+    second = build_tracker(
+        _cfg(), workdir, 0, "stage", resume_run_id=first.run_id, run_folder=folder
+    )
     assert second.run_id == first.run_id
-    assert second.flush(10) and mlflow_client(second.tracking_uri).get_run(second.run_id).info.status == "RUNNING"
+    assert (
+        second.flush(10)
+        and mlflow_client(second.tracking_uri).get_run(second.run_id).info.status == "RUNNING"
+    )
     for step in range(3, 5):
         second.log_metrics({"loss": float(step)}, step=step)
     second.finish()
@@ -206,8 +225,33 @@ def test_resume_reattaches_to_the_same_run_and_metrics_continue(tmp_path, new_wo
     assert client.get_run(first.run_id).info.status == "FINISHED"
     assert _history(second.tracking_uri, first.run_id, "loss") == [(s, float(s)) for s in range(5)]
     assert len(client.search_runs([client.get_run(first.run_id).info.experiment_id])) == 1
-    steps = [json.loads(line)["step"] for line in (folder / "logs/metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (folder / "logs/metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_a_rejected_request_is_dropped_and_does_not_block_the_queue(new_workdir, caplog):
+    workdir = new_workdir()
+    first = build_tracker(_cfg(), workdir, 0, "stage")
+    first.log_params({"lr": 1e-4})
+    first.finish("KILLED")
+    again = build_tracker(_cfg(), workdir, 0, "stage", resume_run_id=first.run_id)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        again.log_params({"lr": 5e-4})  # MLflow refuses to change a logged param
+        again.log_metrics({"loss": 0.5}, step=10)
+        again.finish()
+    assert "rejected params" in caplog.text
+    assert mlflow_client(again.tracking_uri).get_run(first.run_id).data.params == {"lr": "0.0001"}
+    assert _history(again.tracking_uri, first.run_id, "loss") == [(10, 0.5)]
+
+
+def test_tracker_as_context_manager_marks_a_crash_failed(new_workdir):
+    with pytest.raises(RuntimeError, match="boom"):
+        with build_tracker(_cfg(), new_workdir(), 0, "stage") as tracker:
+            raise RuntimeError("boom")
+    assert mlflow_client(tracker.tracking_uri).get_run(tracker.run_id).info.status == "FAILED"
 
 
 def test_resume_of_an_unknown_run_starts_a_new_one(tmp_path, caplog, new_workdir):
@@ -223,7 +267,8 @@ def test_parent_run_and_child_runs(new_workdir):
     workdir = new_workdir()
     parent = start_parent_run(_cfg(), workdir, rank=0, pipeline_name="demo")
     children = [
-        build_tracker(_cfg(), workdir, 0, stage, parent_run_id=parent.run_id) for stage in ("a", "b")
+        build_tracker(_cfg(), workdir, 0, stage, parent_run_id=parent.run_id)
+        for stage in ("a", "b")
     ]
     for child in children:
         child.finish()
@@ -244,7 +289,9 @@ def test_two_workdirs_never_share_runs_or_artifacts(tmp_path, new_workdir):
     for tracker, name in zip(trackers, ("wd1", "wd2")):
         client = mlflow_client(tracker.tracking_uri)
         experiment = client.get_experiment_by_name("detrforge")
-        assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [tracker.run_id]
+        assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [
+            tracker.run_id
+        ]
         assert list((tmp_path / name / "mlartifacts").rglob("*.txt"))[0].name == f"{name}.txt"
 
 
@@ -318,7 +365,9 @@ def test_register_two_versions_promote_and_resolve(tmp_path, new_workdir):
     v1 = register_model(first, _export(tmp_path / "e1", b"one"), "demo.detr", {"config_hash": "h1"})
     first.finish()
     second = build_tracker(_cfg(), workdir, 0, "stage")
-    v2 = register_model(second, _export(tmp_path / "e2", b"two"), "demo.detr", {"config_hash": "h2"})
+    v2 = register_model(
+        second, _export(tmp_path / "e2", b"two"), "demo.detr", {"config_hash": "h2"}
+    )
     second.finish()
     assert (v1, v2) == (1, 2)
 
@@ -378,5 +427,7 @@ def test_register_model_non_strict_warns_when_the_server_is_down(tmp_path, caplo
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{_closed_port()}"
     with caplog.at_level(logging.WARNING, logger="pipeline.registry"):
-        version = register_model("0" * 32, _export(tmp_path / "e", b"x"), "m", tracking_uri=uri, strict=False)
+        version = register_model(
+            "0" * 32, _export(tmp_path / "e", b"x"), "m", tracking_uri=uri, strict=False
+        )
     assert version is None and "was not registered" in caplog.text
