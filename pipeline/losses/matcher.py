@@ -101,11 +101,13 @@ class HungarianMatcher(nn.Module):
         """(P, C) or (P, C+1) fp32 logits, (T,) labels -> (P, T) classification cost."""
         if not self.focal:
             return -logits.softmax(-1)[:, labels]
-        prob = logits.sigmoid()
+        # Element-wise, so selecting the target classes first gives the reference's values on a
+        # (P, T) instead of a (P, C) tensor.
+        prob = logits[:, labels].sigmoid()
         alpha, gamma = self.focal_alpha, self.focal_gamma
         neg_cost = (1 - alpha) * prob**gamma * -(1 - prob + FOCAL_COST_EPS).log()
         pos_cost = alpha * (1 - prob) ** gamma * -(prob + FOCAL_COST_EPS).log()
-        return pos_cost[:, labels] - neg_cost[:, labels]
+        return pos_cost - neg_cost
 
     @torch.no_grad()
     def cost_matrix(self, outputs: dict, targets: list[dict]) -> Tensor:
