@@ -281,6 +281,8 @@ def _is_transient(err: BaseException) -> bool:
     if status_code is not None:
         code = status_code()
         return code >= 500 or code == 429
+    if type(err).__name__ == "OperationalError":  # SQLite locked, or two processes migrating it
+        return True
     root_module = type(err).__module__.split(".")[0]
     return isinstance(err, ConnectionError | TimeoutError) or root_module in ("requests", "urllib3")
 

@@ -140,7 +140,7 @@ def test_flatten_params_uses_dotted_keys():
 
 def test_importing_tracking_does_not_import_mlflow_and_disables_telemetry():
     code = (
-        "import os, sys; import pipeline.tracking as t; "
+        "import os, sys; import pipeline.tracking, pipeline.registry; "
         "assert 'mlflow' not in sys.modules; "
         "print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
     )
@@ -150,6 +150,22 @@ def test_importing_tracking_does_not_import_mlflow_and_disables_telemetry():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "true"
+
+
+def test_only_transient_failures_are_retried():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.tracking import _is_transient
+
+    assert _is_transient(MlflowException("down", error_code=TEMPORARILY_UNAVAILABLE))
+    assert _is_transient(MlflowException("API request failed"))  # INTERNAL_ERROR: 500
+    assert _is_transient(ConnectionRefusedError()) and _is_transient(TimeoutError())
+    assert _is_transient(OperationalError("CREATE TABLE", {}, Exception("already exists")))
+    assert not _is_transient(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
+    assert not _is_transient(FileNotFoundError("export/model.safetensors"))
+    assert not _is_transient(ValueError("bug"))
 
 
 # --- trackers against SQLite ----------------------------------------------------------------
