@@ -15,8 +15,9 @@ from pathlib import Path
 from pipeline.data.collate import collate_classification
 from pipeline.data.decoding import decode_jpeg
 from pipeline.data.errors import DataError, SkipSample
+from pipeline.data.eval_stream import EvalLoader
 from pipeline.data.shards import load_shard_info
-from pipeline.data.stream import EvalLoader, TrainLoader
+from pipeline.data.stream import TrainLoader
 from pipeline.data.transforms import ClassificationAugment, ClassificationEval
 
 

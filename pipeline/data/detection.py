@@ -3,7 +3,7 @@
 ``build_detection_loader(cfg, split, rank, world_size, seed)`` reads ``<cfg.shards>/<split>/``.
 Training splits give a :class:`~pipeline.data.stream.TrainLoader` (resampled, fixed steps per
 epoch, exactly resumable; see :mod:`pipeline.data.stream` for the guarantee); other splits give
-an :class:`~pipeline.data.stream.EvalLoader` (every image exactly once over the ranks).
+an :class:`~pipeline.data.eval_stream.EvalLoader` (every image exactly once over the ranks).
 Both expose ``steps_per_epoch``, ``categories``, ``num_classes``, ``category_map`` (COCO id <->
 contiguous label, for evaluation), ``skipped`` (bad samples by reason), ``state_dict()`` and
 ``load_state_dict()``.
@@ -21,8 +21,9 @@ from pipeline.data.categories import CategoryMap
 from pipeline.data.collate import collate_detection
 from pipeline.data.decoding import coco_target, decode_jpeg, decode_json
 from pipeline.data.errors import DataError
+from pipeline.data.eval_stream import EvalLoader
 from pipeline.data.shards import load_shard_info
-from pipeline.data.stream import EvalLoader, TrainLoader
+from pipeline.data.stream import TrainLoader
 from pipeline.data.transforms import DetectionAugment, DetectionEval, to_model_inputs
 
 

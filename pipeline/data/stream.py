@@ -24,9 +24,7 @@ Bad samples (corrupt JPEG, unreadable JSON, truncated tar, ...) are skipped and 
 in ``loader.skipped``; they never stop training. If a stream reads many shards in a row without
 one usable sample, :class:`~pipeline.data.errors.DataError` is raised (the data is unusable).
 
-Evaluation (:class:`EvalLoader`). Every sample exactly once over all ranks: sample ``i`` (in
-shard order, numbered with ``_info.json`` counts) goes to rank ``i % world_size``; workers split
-the shards. Deterministic, no randomness; ranks may differ by one batch.
+Evaluation reads each sample exactly once: see :mod:`pipeline.data.eval_stream`.
 """
 
 from __future__ import annotations
@@ -63,7 +61,7 @@ def partition_shards(
     return part[stream::num_streams] if len(part) >= num_streams else part
 
 
-class _NumpyTransfer:
+class NumpyTransfer:
     """Batches cross the worker -> trainer queue as numpy arrays, not torch tensors.
 
     torch moves every tensor through its own shared-memory segment, which costs more than
@@ -74,28 +72,28 @@ class _NumpyTransfer:
     @staticmethod
     def pack(obj):
         if isinstance(obj, torch.Tensor):
-            return _NumpyTransfer(obj.numpy())
+            return NumpyTransfer(obj.numpy())
         if isinstance(obj, dict):
-            return {k: _NumpyTransfer.pack(v) for k, v in obj.items()}
+            return {k: NumpyTransfer.pack(v) for k, v in obj.items()}
         if isinstance(obj, list | tuple):
-            return type(obj)(_NumpyTransfer.pack(v) for v in obj)
+            return type(obj)(NumpyTransfer.pack(v) for v in obj)
         return obj
 
     @staticmethod
     def unpack(obj):
-        if isinstance(obj, _NumpyTransfer):
+        if isinstance(obj, NumpyTransfer):
             return torch.from_numpy(obj.array)
         if isinstance(obj, dict):
-            return {k: _NumpyTransfer.unpack(v) for k, v in obj.items()}
+            return {k: NumpyTransfer.unpack(v) for k, v in obj.items()}
         if isinstance(obj, list | tuple):
-            return type(obj)(_NumpyTransfer.unpack(v) for v in obj)
+            return type(obj)(NumpyTransfer.unpack(v) for v in obj)
         return obj
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
 
 
-class _ErrorCounter:
+class ErrorCounter:
     """A webdataset exception handler that counts errors instead of raising."""
 
     def __init__(self) -> None:
@@ -165,7 +163,7 @@ class TrainStream(IterableDataset):
         plan, info = self.plan, torch.utils.data.get_worker_info()
         if info is not None:
             for item in self._batches((info.id + plan.stream_offset) % plan.num_streams):
-                yield dict(item, batch=_NumpyTransfer.pack(item["batch"]))
+                yield dict(item, batch=NumpyTransfer.pack(item["batch"]))
             return
         # In-process: interleave the streams exactly as DataLoader workers would be.
         order = [(plan.stream_offset + j) % plan.num_streams for j in range(plan.num_streams)]
@@ -174,9 +172,7 @@ class TrainStream(IterableDataset):
             for stream in streams:
                 yield next(stream)
 
-    def _raw_samples(
-        self, stream: int, guard: _EmptyGuard, errors: _ErrorCounter
-    ) -> Iterator[dict]:
+    def _raw_samples(self, stream: int, guard: _EmptyGuard, errors: ErrorCounter) -> Iterator[dict]:
         plan = self.plan
         shards = partition_shards(plan.shards, plan.rank, plan.world_size, stream, plan.num_streams)
         shard_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 0))
@@ -190,7 +186,7 @@ class TrainStream(IterableDataset):
 
     def _batches(self, stream: int) -> Iterator[dict]:
         plan = self.plan
-        guard, errors = _EmptyGuard(plan.shards), _ErrorCounter()
+        guard, errors = _EmptyGuard(plan.shards), ErrorCounter()
         batch, skipped = [], Counter()
         for position, raw in enumerate(self._raw_samples(stream, guard, errors), start=1):
             read_errors = errors.drain()
@@ -198,7 +194,7 @@ class TrainStream(IterableDataset):
                 continue  # consumed before the resume; its errors were counted then
             skipped.update(read_errors)
             rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 2, position))
-            item = _decode_counting(self.decode, raw, rng, skipped)
+            item = decode_counting(self.decode, raw, rng, skipped)
             if item is None:
                 continue
             guard.since_last_sample = 0
@@ -213,7 +209,7 @@ class TrainStream(IterableDataset):
                 batch, skipped = [], Counter()
 
 
-def _decode_counting(decode: Decoder, raw: dict, rng: random.Random | None, skipped: Counter):
+def decode_counting(decode: Decoder, raw: dict, rng: random.Random | None, skipped: Counter):
     """decode(raw) or None, counting the reason of a skip; one bad sample never raises."""
     try:
         return decode(raw, rng, skipped)
@@ -224,7 +220,7 @@ def _decode_counting(decode: Decoder, raw: dict, rng: random.Random | None, skip
     return None
 
 
-class _LoaderBase:
+class LoaderBase:
     """What both loaders expose: the shard set, categories, counts of skipped samples."""
 
     def __init__(
@@ -253,7 +249,7 @@ class _LoaderBase:
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **extra)
 
 
-class TrainLoader(_LoaderBase):
+class TrainLoader(LoaderBase):
     """Iterating yields the rest of the current epoch; the next iteration starts the next epoch."""
 
     def __init__(
@@ -317,7 +313,7 @@ class TrainLoader(_LoaderBase):
                 self.positions[item["stream"]] = item["position"]
                 self.batches_in_epoch += 1
                 self.skipped.update(item["skipped"])
-                yield _NumpyTransfer.unpack(item["batch"])
+                yield NumpyTransfer.unpack(item["batch"])
         finally:
             del batches  # shuts the workers down now, also when the consumer stops early
         self._roll_epoch_if_done()
@@ -354,97 +350,4 @@ class TrainLoader(_LoaderBase):
             )
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
         self.positions = [int(p) for p in state["positions"]]
-        self.skipped = Counter(state.get("skipped", {}))
-
-
-class EvalStream(IterableDataset):
-    """Samples of one rank, split over workers by shard, batched (last batch may be short)."""
-
-    def __init__(
-        self,
-        info: ShardInfo,
-        decode: Decoder,
-        collate: Collate,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-    ) -> None:
-        super().__init__()
-        self.info, self.decode, self.collate = info, decode, collate
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        pack = _NumpyTransfer.pack if info is not None else (lambda batch: batch)
-        offsets = np.concatenate([[0], np.cumsum(self.info.counts)]).tolist()
-        batch, skipped, errors = [], Counter(), _ErrorCounter()
-        for shard_index in range(worker, len(self.info.shards), workers):
-            url = {"url": str(self.info.shard_paths[shard_index])}
-            for index, raw in enumerate(wds.tarfile_to_samples(handler=errors)([url])):
-                if (offsets[shard_index] + index) % self.world_size != self.rank:
-                    continue
-                item = _decode_counting(self.decode, raw, None, skipped)
-                if item is not None:
-                    batch.append(item)
-                if len(batch) == self.batch_size:
-                    yield {
-                        "batch": pack(self.collate(batch)),
-                        "skipped": dict(skipped + errors.drain()),
-                    }
-                    batch, skipped = [], Counter()
-        if batch or skipped or errors.counts:
-            yield {
-                "batch": pack(self.collate(batch)) if batch else None,
-                "skipped": dict(skipped + errors.drain()),
-            }
-
-
-class EvalLoader(_LoaderBase):
-    """Every sample of the set exactly once over all ranks, in a deterministic order."""
-
-    def __init__(
-        self,
-        info: ShardInfo,
-        decode: Decoder,
-        collate: Collate,
-        *,
-        batch_size: int,
-        num_workers: int,
-        rank: int,
-        world_size: int,
-    ) -> None:
-        super().__init__(info, decode, collate, num_workers)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank evaluates (per _info.json; bad samples are skipped at read time)."""
-        return len(range(self.rank, self.info.num_samples, self.world_size))
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """An upper bound on batches this rank yields (workers may each end with a short one)."""
-        workers = max(1, min(self.num_workers, len(self.info.shards)))
-        return -(-self.num_samples // self.batch_size) + workers - 1
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def __iter__(self) -> Iterator:
-        dataset = EvalStream(
-            self.info, self.decode, self.collate, self.batch_size, self.rank, self.world_size
-        )
-        workers = min(self.num_workers, len(self.info.shards))
-        extra = {"prefetch_factor": 2} if workers > 0 else {}
-        for item in DataLoader(dataset, batch_size=None, num_workers=workers, **extra):
-            self.skipped.update(item["skipped"])
-            if item["batch"] is not None:
-                yield _NumpyTransfer.unpack(item["batch"])
-
-    def state_dict(self) -> dict:
-        """Evaluation has no position to keep; only the skip counts."""
-        return {"skipped": dict(self.skipped)}
-
-    def load_state_dict(self, state: dict) -> None:
         self.skipped = Counter(state.get("skipped", {}))
