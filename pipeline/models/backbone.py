@@ -123,7 +123,7 @@ class Backbone(nn.Module):
         info = self.body.feature_info
         self._body_strides = list(info.reduction())
         self._channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
-        self._pad_multiple = max(self._body_strides) if hasattr(_inner(self.body), "patch_embed") else 1
+        self._pad_multiple = max(self._body_strides) if needs_padding(self.body, self._body_strides) else 1
         self._frozen = False
         self.pyramid: SimpleFeaturePyramid | None = None
         if len(set(self._body_strides)) == 1 and cfg.out_strides != self._body_strides[-1:]:
@@ -203,6 +203,22 @@ class Backbone(nn.Module):
 def _inner(body: nn.Module) -> nn.Module:
     """The wrapped timm model of a FeatureGetterNet (ViT), else the features model itself."""
     return getattr(body, "model", body)
+
+
+def needs_padding(body: nn.Module, strides: list[int]) -> bool:
+    """Whether inputs must be padded to a multiple of the largest stride to give maps of
+    ceil(side / stride): patch embeddings (Swin, ViT) need it, and so do patchify stems
+    (ConvNeXt) that floor odd sizes. Convolutional stems with padding (ResNet) are probed and
+    left unpadded, so their outputs match the reference implementations exactly."""
+    if hasattr(_inner(body), "patch_embed"):
+        return True
+    side = max(strides) + 1
+    was_training = body.training
+    body.eval()
+    with torch.no_grad():
+        features = body(torch.zeros(1, 3, side, side))
+    body.train(was_training)
+    return any(f.shape[-1] != math.ceil(side / s) for f, s in zip(features, strides))
 
 
 def normalize_key(name: str) -> str:
