@@ -266,3 +266,12 @@ class SetCriterion(nn.Module):
             raise ValueError(f"no 'loss_*' key among {sorted(losses)}")
         return torch.stack(terms).sum()
 
+
+    def loss_and_metrics(self, outputs: dict, targets: list[dict], weights: LossWeights | Mapping[str, float],
+                         canvas_size: tuple[int, int] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """(weighted total loss, every unweighted loss and class_error as floats), the pair a
+        training step returns; the metric keys are the same on every call for one model."""
+        losses = self(outputs, targets, canvas_size)
+        total = self.weighted_total(losses, weights)
+        values = torch.stack([value.detach().float() for value in losses.values()]).tolist()  # one sync
+        return total, dict(zip(losses, values))

@@ -384,3 +384,13 @@ def test_batched_classification_loss_against_loops(focal):
                     for b in range(2) for q, c in enumerate(classes[b])]
         expected = sum(w * n for w, n in weighted) / sum(w for w, _ in weighted)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_and_metrics_for_a_training_step():
+    outputs, targets = random_outputs(num_aux=1, two_stage=False)
+    criterion = SetCriterion(3, HungarianMatcher())
+    total, metrics = criterion.loss_and_metrics(outputs, targets, LossWeights.deformable_detr())
+    losses = criterion(outputs, targets)
+    assert total.item() == pytest.approx(SetCriterion.weighted_total(losses, LossWeights()).item())
+    assert set(metrics) == set(losses) and all(isinstance(v, float) for v in metrics.values())
+    assert metrics["loss_giou_0"] == pytest.approx(losses["loss_giou_0"].item())
