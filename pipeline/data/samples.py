@@ -18,6 +18,7 @@ of workers, and the shards are bit-for-bit identical between runs.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -210,6 +211,9 @@ def _make_set(
     root = out / set_name
     raw = root / "raw" / split
     count = spec.train if split == "train" else spec.val
+    # A rerun (e.g. small after medium) must not pick up images left by the previous one.
+    shutil.rmtree(raw, ignore_errors=True)
+    shutil.rmtree(root / "annotations" / f"panoptic_{split}", ignore_errors=True)
     if set_name == "classify":
         for name in synthetic.CLASSIFY_CLASSES:
             (raw / name).mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -260,3 +261,18 @@ def test_missing_inputs_raise_typed_errors(tmp_path):
         coco_to_shards(tmp_path / "images", tmp_path / "bad.json", tmp_path / "out")
     with pytest.raises(ShardInfoError, match="make-samples"):
         load_shard_info(tmp_path)
+
+
+def test_rerun_into_the_same_folder_leaves_nothing_stale(tmp_path, monkeypatch):
+    from pipeline.data import samples as samples_module
+
+    tiny = samples_module.SIZES["tiny"]
+    bigger = {name: dataclasses.replace(spec, train=spec.train * 2) for name, spec in tiny.items()}
+    monkeypatch.setitem(samples_module.SIZES, "bigger", bigger)
+    make_samples(tmp_path, "bigger")
+    summaries = make_samples(tmp_path, "tiny")
+    assert summaries["classify/train"].images_written == 48
+    assert len(list((tmp_path / "classify/raw/train").rglob("*.jpg"))) == 48
+    assert len(list((tmp_path / "detect/annotations/panoptic_train").glob("*.png"))) == 24
+    assert load_shard_info(tmp_path / "detect/train").shards == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not (tmp_path / "detect/train/shard-000005.tar").exists()
