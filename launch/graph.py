@@ -1,0 +1,175 @@
+"""Pipeline files: stages in order, their recipes, overrides and inputs; the stage cache.
+
+```yaml
+name: demo
+stages:
+  - name: backbone
+    recipe: ../stages/backbone_pretrain/tiny.yaml      # relative to this file
+  - name: detr
+    recipe: ../stages/detr_pretrain/tiny.yaml
+    overrides: [backbone_init=stage:backbone]           # stage:<name> = that stage's export
+    processes: 2                                        # optional: ranks on the local machine
+```
+
+A stage depends on every stage its resolved config names as ``stage:<name>``; those must come
+earlier in the file. A stage is up to date when its ``DONE.json`` records the same config hash
+and the same input fingerprints (exports' weights and the data's shard index), as ``make``
+skips a built target.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, config_hash, to_dict
+from stages import load_stage_config
+from stages.common import read_done
+from stages.inputs import STAGE_PREFIX, data_fingerprint, export_fingerprint, export_of_stage
+
+PIPELINE_KEYS = {"name", "stages", "description"}
+STAGE_KEYS = {"name", "recipe", "overrides", "processes"}
+
+
+@dataclass
+class StageSpec:
+    """One stage of a pipeline, resolved."""
+
+    name: str
+    recipe: Path
+    kind: str
+    overrides: list[str]
+    cfg: Any  # the stage's validated Config
+    processes: int
+    depends_on: list[str] = field(default_factory=list)
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.cfg)
+
+
+@dataclass
+class Pipeline:
+    name: str
+    path: Path
+    stages: list[StageSpec]
+
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"{self.path}: no stage named '{name}' "
+                          f"(stages: {', '.join(s.name for s in self.stages)})")
+
+    def run_dir(self, workdir: Path, stage: str) -> Path:
+        return Path(workdir) / self.name / stage
+
+
+def _stage_refs(data: Any) -> list[str]:
+    """Every ``stage:<name>`` string inside a config's plain data."""
+    if isinstance(data, dict):
+        return [ref for value in data.values() for ref in _stage_refs(value)]
+    if isinstance(data, list):
+        return [ref for value in data for ref in _stage_refs(value)]
+    if isinstance(data, str) and data.startswith(STAGE_PREFIX):
+        return [data[len(STAGE_PREFIX):]]
+    return []
+
+
+def _check_keys(entry: dict, allowed: set[str], where: str) -> None:
+    import difflib
+
+    for key in entry:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (keys: {', '.join(sorted(allowed))})"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def load_pipeline(path: str | Path, extra_overrides: list[str] | None = None) -> Pipeline:
+    """Read and validate a pipeline file; every stage's recipe is resolved now, so a typo in
+    stage 3 fails before stage 1 trains. ``extra_overrides`` apply to every stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        raise ConfigError(f"{path}: a pipeline needs 'name' and a list 'stages'")
+    _check_keys(data, PIPELINE_KEYS, str(path))
+    name = str(data.get("name") or path.stem)
+    specs: list[StageSpec] = []
+    for index, entry in enumerate(data["stages"]):
+        where = f"{path}: stages[{index}]"
+        if not isinstance(entry, dict) or "name" not in entry or "recipe" not in entry:
+            raise ConfigError(f"{where}: each stage needs 'name' and 'recipe'")
+        _check_keys(entry, STAGE_KEYS, where)
+        specs.append(_stage_spec(path, entry, extra_overrides or [], [s.name for s in specs], where))
+    return Pipeline(name, path, specs)
+
+
+def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], where: str) -> StageSpec:
+    recipe = (path.parent / entry["recipe"]).resolve()
+    overrides = [str(o) for o in entry.get("overrides") or []] + list(extra)
+    kind, cfg = load_stage_config(recipe, overrides)
+    refs = sorted(set(_stage_refs(to_dict(cfg))))
+    for ref in refs:
+        if ref not in earlier:
+            raise ConfigError(f"{where} ('{entry['name']}'): input stage:{ref} is not an earlier "
+                              f"stage of this pipeline (earlier: {', '.join(earlier) or 'none'})")
+    processes = int(entry.get("processes") or cfg.train.processes)
+    return StageSpec(entry["name"], recipe, kind, overrides, cfg, processes, refs)
+
+
+def stage_inputs(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str, str]:
+    """Fingerprints of what a stage reads: upstream exports and its data's shard index."""
+    inputs = {f"stage:{ref}": export_fingerprint(export_of_stage(workdir, pipeline.name, ref))
+              for ref in spec.depends_on}
+    data = getattr(spec.cfg, "data", None)
+    if data is not None and getattr(data, "shards", None):
+        inputs["data"] = data_fingerprint(data.shards)
+    return inputs
+
+
+def is_up_to_date(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> bool:
+    done = read_done(pipeline.run_dir(workdir, spec.name))
+    if done is None:
+        return False
+    return (done.get("config_hash") == spec.config_hash
+            and done.get("inputs") == stage_inputs(pipeline, spec, workdir))
+
+
+def recorded_hash(run_dir: Path) -> str | None:
+    """The config hash written at the top of a run folder's config.yaml, if any."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return None
+    first = config.read_text().split("\n", 1)[0]
+    return first.split(":", 1)[1].strip() if first.startswith("# config_hash:") else None
+
+
+def stage_status(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str, Any]:
+    """Where a stage stands: done / up to date, partial (last checkpoint step), not started."""
+    run_dir = pipeline.run_dir(workdir, spec.name)
+    done = read_done(run_dir)
+    latest = run_dir / "latest"
+    step = None
+    if latest.is_file():
+        step = latest.read_text().strip().rsplit("_", 1)[-1]
+    metrics_file = run_dir / "logs" / "metrics.jsonl"
+    last_metrics = {}
+    if metrics_file.is_file():
+        lines = metrics_file.read_text().strip().splitlines()
+        if lines:
+            last_metrics = json.loads(lines[-1])
+    if done is not None:
+        state = "done" if is_up_to_date(pipeline, spec, workdir) else "outdated"
+    elif step is not None:
+        state = "partial"
+    else:
+        state = "not started"
+    return {"stage": spec.name, "state": state, "checkpoint_step": step,
+            "max_steps": spec.cfg.train.max_steps, "done": done, "last_metrics": last_metrics}

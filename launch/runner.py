@@ -1,0 +1,229 @@
+"""The local executor: run a pipeline's stages in order on this machine, skip what is done.
+
+Each stage runs in its own process group (``torch.distributed.run`` for several ranks), so a
+stage's memory, threads and process group end with it, and the same ``run_stage`` serves the
+local executor and SLURM jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+import configs
+from launch.graph import (
+    Pipeline,
+    StageSpec,
+    is_up_to_date,
+    load_pipeline,
+    recorded_hash,
+    stage_inputs,
+    stage_status,
+)
+from launch.stage_main import RESULT_FILE
+from pipeline.config import ConfigError
+from stages.common import read_done
+
+CONFIGS_DIR = Path(configs.__file__).resolve().parent
+DEMO_PIPELINE = CONFIGS_DIR / "pipelines" / "demo.yaml"
+SAMPLES_DIR = Path("data/samples")
+
+
+def as_pipeline(target: str | Path, overrides: list[str]) -> Pipeline:
+    """A pipeline file, or a single stage recipe run as a one-stage pipeline."""
+    target = Path(target)
+    if not target.is_file():
+        raise ConfigError(f"not found: {target}")
+    data = yaml.safe_load(target.read_text()) or {}
+    if isinstance(data, dict) and "stages" in data:
+        return load_pipeline(target, overrides)
+    from launch.graph import _stage_spec
+
+    spec = _stage_spec(target, {"name": target.stem, "recipe": target.name}, overrides, [],
+                       str(target))
+    return Pipeline(target.stem, target, [spec])
+
+
+def select_stages(pipeline: Pipeline, only: str | None, from_stage: str | None) -> list[StageSpec]:
+    if only:
+        return [pipeline.stage(only)]
+    if from_stage:
+        pipeline.stage(from_stage)
+        names = [s.name for s in pipeline.stages]
+        return pipeline.stages[names.index(from_stage):]
+    return list(pipeline.stages)
+
+
+def _archive(run_dir: Path, why: str) -> None:
+    """Move an outdated run folder aside (never delete work)."""
+    archive = run_dir.parent / ".archive" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), str(archive))
+    print(f"[{run_dir.name}] {why}: previous run folder moved to {archive}")
+
+
+def prepare_run_dir(pipeline: Pipeline, spec: StageSpec, workdir: Path, force: bool) -> None:
+    """Keep a run folder that this config can resume; archive one written for another config."""
+    run_dir = pipeline.run_dir(workdir, spec.name)
+    if not run_dir.exists():
+        return
+    if force:
+        _archive(run_dir, "--force")
+    elif read_done(run_dir) is not None:
+        _archive(run_dir, "config or inputs changed since it finished")
+    elif recorded_hash(run_dir) not in (None, spec.config_hash):
+        _archive(run_dir, "config changed since the interrupted run")
+
+
+def stage_command(spec: StageSpec, spec_file: Path) -> list[str]:
+    if spec.processes <= 1:
+        return [sys.executable, "-m", "launch.stage_main", str(spec_file)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={spec.processes}", "-m", "launch.stage_main", str(spec_file)]
+
+
+def stage_spec(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run_id: str | None) -> dict:
+    """What a stage process needs, as plain JSON (also the SLURM job's argument)."""
+    return {"recipe": str(spec.recipe), "overrides": spec.overrides, "workdir": str(workdir.resolve()),
+            "pipeline": pipeline.name, "stage": spec.name, "parent_run_id": parent_run_id,
+            "inputs": stage_inputs(pipeline, spec, workdir), "processes": spec.processes}
+
+
+def run_one_stage(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run_id: str | None) -> dict:
+    run_dir = pipeline.run_dir(workdir, spec.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = run_dir / "stage_spec.json"
+    spec_file.write_text(json.dumps(stage_spec(pipeline, spec, workdir, parent_run_id), indent=2))
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    print(f"\n=== stage {spec.name} ({spec.kind}, {spec.processes} process"
+          f"{'es' if spec.processes > 1 else ''}) -> {run_dir}", flush=True)
+    started = time.time()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    code = subprocess.run(stage_command(spec, spec_file), env=env).returncode
+    result_file = run_dir / RESULT_FILE
+    if code != 0 or not result_file.is_file():
+        return {"stage": spec.name, "status": "failed", "seconds": time.time() - started,
+                "exit_code": code}
+    result = json.loads(result_file.read_text())
+    result["seconds"] = time.time() - started
+    return result
+
+
+def run_target(target: str | Path, overrides: list[str], workdir: Path, force: bool = False,
+               only: str | None = None, from_stage: str | None = None) -> int:
+    """`detrforge run`: every selected stage in order; stops at the first failure."""
+    pipeline = as_pipeline(target, overrides)
+    selected = select_stages(pipeline, only, from_stage)
+    workdir.mkdir(parents=True, exist_ok=True)
+    parent = _start_parent(pipeline, workdir)
+    rows = []
+    for spec in selected:
+        if not force and is_up_to_date(pipeline, spec, workdir):
+            done = read_done(pipeline.run_dir(workdir, spec.name)) or {}
+            rows.append({**done, "stage": spec.name, "status": "skipped (up to date)"})
+            continue
+        prepare_run_dir(pipeline, spec, workdir, force)
+        result = run_one_stage(pipeline, spec, workdir, parent.run_id if parent else None)
+        rows.append(result)
+        if result["status"] != "done":
+            break
+    failed = any(r["status"] in ("failed", "stopped") for r in rows)
+    if parent is not None:
+        parent.finish("FAILED" if failed else "FINISHED")
+    print_summary(pipeline, rows, workdir)
+    return 1 if failed else 0
+
+
+def _start_parent(pipeline: Pipeline, workdir: Path):
+    from pipeline.tracking import start_parent_run
+
+    tracking = getattr(pipeline.stages[0].cfg, "tracking", None)
+    if tracking is None or not tracking.enabled:
+        return None
+    return start_parent_run(tracking, workdir, 0, pipeline.name,
+                            tags={"detrforge.pipeline_file": str(pipeline.path)})
+
+
+def _metric_text(row: dict) -> str:
+    key = row.get("main_metric") or ""
+    metrics = row.get("metrics") or {}
+    return f"{key} {metrics[key]:.3f}" if key in metrics else "-"
+
+
+def print_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> None:
+    print(f"\npipeline {pipeline.name}  (workdir {workdir})")
+    print(f"{'stage':14s} {'status':22s} {'time':>8s}  {'main metric':18s} registered model")
+    for row in rows:
+        seconds = row.get("seconds")
+        took = f"{seconds:7.0f}s" if isinstance(seconds, (int, float)) else "       -"
+        version = row.get("model_version")
+        model = f"{pipeline.name}.{row['stage']} v{version}" if version else "-"
+        print(f"{row['stage']:14s} {row['status']:22s} {took}  {_metric_text(row):18s} {model}")
+    print(f"MLflow: detrforge ui --workdir {workdir}   (then open http://127.0.0.1:5000)")
+
+
+def show_status(target: str | Path, workdir: Path) -> int:
+    """`detrforge status`: each stage's state, checkpoint step and last metrics, SLURM jobs."""
+    pipeline = as_pipeline(target, [])
+    jobs = _slurm_jobs(pipeline, workdir)
+    print(f"pipeline {pipeline.name}  (workdir {workdir})")
+    for spec in pipeline.stages:
+        status = stage_status(pipeline, spec, workdir)
+        step = f"step {status['checkpoint_step']}/{status['max_steps']}" if status[
+            "checkpoint_step"] else ""
+        done = status["done"] or {}
+        metric = _metric_text(done) if done else ""
+        job = jobs.get(spec.name, "")
+        print(f"  {spec.name:14s} {status['state']:12s} {step:16s} {metric:16s} {job}")
+    return 0
+
+
+def _slurm_jobs(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
+    """Job id and state of each submitted stage (launch.slurm_submit writes jobs.json)."""
+    try:
+        from launch.slurm_submit import job_states
+    except ImportError:
+        return {}
+    return job_states(pipeline, workdir)
+
+
+def run_demo(workdir: Path) -> int:
+    """`make demo`: sample data if missing, then the demo pipeline on the embedded defaults."""
+    if not (SAMPLES_DIR / "detect" / "val" / "_info.json").is_file():
+        from pipeline.data.samples import make_samples
+
+        print(f"generating the sample data sets in {SAMPLES_DIR} ...", flush=True)
+        make_samples(SAMPLES_DIR, size="small", seed=0, workers=2, progress=True)
+    return run_target(DEMO_PIPELINE, [], workdir)
+
+
+def submit_pipeline(target: str | Path, cluster: Path, workdir: Path) -> int:
+    from launch.slurm_submit import submit
+
+    return submit(as_pipeline(target, []), cluster, workdir)
+
+
+def cancel_pipeline(target: str | Path, workdir: Path) -> int:
+    from launch.slurm_submit import cancel
+
+    return cancel(as_pipeline(target, []), workdir)
+
+
+def export_run(run_folder: Path) -> int:
+    export = run_folder / "export"
+    if (export / "model.safetensors").is_file():
+        print(f"{export} is the stage's export (written when the stage finished)")
+        return 0
+    raise ConfigError(f"{run_folder} has no export yet: finish the stage with `detrforge run`")
+
+
+def evaluate_model(model: str, data: Path, workdir: Path) -> int:
+    raise ConfigError("detrforge eval is not available yet: the stages evaluate at their end "
+                      "(see DONE.json and MLflow)")

@@ -1,0 +1,51 @@
+"""Entry point of one stage process: ``python -m launch.stage_main SPEC.json``.
+
+The local executor starts it once per rank (``torch.distributed.run`` for several ranks), the
+SLURM job calls :func:`run_stage` directly. Either way the same function runs the stage, so a
+stage behaves the same on a laptop and on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline import dist
+from stages import load_stage_config, stage_module
+from stages.common import StageContext
+
+RESULT_FILE = "result.json"
+
+
+def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
+    """Run the stage described by ``spec`` (see launch.runner.stage_spec) on this rank."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kind, cfg = load_stage_config(spec["recipe"], spec["overrides"])
+    run_dir = Path(spec["workdir"]) / spec["pipeline"] / spec["stage"]
+    stop_file = Path(job.stop_file) if job is not None else run_dir / "STOP_REQUESTED"
+    ctx = StageContext(Path(spec["workdir"]), spec["pipeline"], spec["stage"],
+                       parent_run_id=spec.get("parent_run_id"), stop_file=stop_file)
+    result = stage_module(kind).run(cfg, ctx, spec.get("inputs"))
+    record = asdict(result)
+    if dist.is_main():
+        (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))
+    dist.shutdown()
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(argv[0]).read_text())
+    record = run_stage(spec)
+    return 0 if record["status"] in ("done", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""What every stage shares: its context, the training config, and the one stage flow.
+
+A stage module is wiring: it builds a model, a loader, a ten-line ``task_step`` and an
+``evaluate`` function, and hands them to :func:`train_stage`, which owns the rest in the same
+order for every stage: distributed setup -> resolved config -> resume order (own ``latest``,
+else ``init_from``, else scratch) -> tracker (re-attached by run id) -> the engine's ``fit`` ->
+final evaluation -> export -> ``DONE.json`` -> registered model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import dist
+from pipeline.checkpoint import RunFolder, resume, save_checkpoint
+from pipeline.config import config_hash, to_dict, write_resolved
+from pipeline.engine.callbacks import (
+    MetricLogger,
+    NonFiniteGuard,
+    PeriodicCheckpoint,
+    PeriodicEval,
+    ProgressBar,
+    StopOnRequest,
+)
+from pipeline.engine.loop import fit
+from pipeline.engine.optim import OptimizerConfig
+from pipeline.engine.state import TrainState
+from pipeline.engine.strategy import Strategy, StrategyConfig, build_strategy
+from pipeline.export import write_export
+from pipeline.tracking import TrackingConfig, build_tracker
+
+log = logging.getLogger("detrforge.stage")
+DONE_FILE = "DONE.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message names the setting to fix."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's budget and rhythm."""
+
+    max_steps: int = 100  # optimizer steps of the stage
+    log_every: int = 10  # steps between logged metric means
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    checkpoint_every: int = 50  # steps between checkpoints (one is always saved at the end)
+    keep_last: int = 2  # step checkpoints kept on disk
+    seed: int = 0  # seeds model init, data order and augmentation
+    processes: int = 1  # ranks `detrforge run` starts on this machine (SLURM: the cluster file)
+    max_nonfinite_in_a_row: int = 5  # non-finite losses in a row before the stage stops
+    progress_bar: bool = True  # rank 0 shows step, loss, lr, images/s, ETA
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "log_every", "checkpoint_every", "keep_last", "processes",
+                     "max_nonfinite_in_a_row"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class StageContext:
+    """Where a stage runs: its pipeline, its run folder, the MLflow parent run."""
+
+    workdir: Path  # everything a run writes lives under it
+    pipeline: str  # pipeline name (the run folder's parent, the registered model's prefix)
+    stage: str  # stage name inside the pipeline
+    parent_run_id: str | None = None  # MLflow run of the pipeline invocation
+    stop_file: Path | None = None  # a stop request (preemption) appears here
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir) / self.pipeline / self.stage
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.pipeline}.{self.stage}"
+
+
+@dataclass
+class StageResult:
+    """How a stage ended, as the pipeline summary shows it."""
+
+    stage: str
+    status: str  # "done" | "stopped" (a stop was requested; resume continues it)
+    metrics: dict[str, float] = field(default_factory=dict)
+    main_metric: str = ""
+    export_dir: str | None = None
+    run_id: str | None = None
+    model_version: int | None = None
+    start: str = "scratch"  # resume order branch: "resume" | "init_from" | "scratch"
+    seconds: float = 0.0
+
+
+@dataclass
+class StageParts:
+    """What a stage module hands to :func:`train_stage`."""
+
+    model: nn.Module
+    loader: Any  # resumable batch iterable with state_dict()/load_state_dict()
+    task_step: Callable[[Strategy, TrainState, Any], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[Strategy], dict[str, float]]  # every rank calls it; same dict on all
+    micro_batch_size: int
+    main_metric: str  # key of evaluate()'s dict shown in the summary
+    meta: dict[str, Any]  # export meta: architecture config, class names...
+    images_per_step: int | None = None
+    is_backbone: Callable[[str], bool] | None = None
+    init_from: Path | None = None  # export folder whose weights start the model (resume order 2)
+    prefix_map: dict[str, str] | None = None  # key renames for init_from
+    export_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """Same model init on every rank (DeepSpeed also broadcasts rank 0's weights)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def read_done(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_done(run_dir: Path, record: dict) -> None:
+    tmp = Path(run_dir) / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(Path(run_dir) / DONE_FILE)
+
+
+def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, tracker, strategy_box,
+               save) -> list:
+    stop = StopOnRequest(ctx.stop_file)
+    stop.install_signal_handlers()
+    callbacks = [
+        MetricLogger(tracker, every_steps=train.log_every),
+        NonFiniteGuard(train.max_nonfinite_in_a_row, save=save),
+        PeriodicCheckpoint(save, train.checkpoint_every, at_end=True),
+        stop,
+    ]
+    if train.eval_every:
+        callbacks.insert(1, PeriodicEval(lambda state: _eval_and_log(parts, strategy_box[0],
+                                                                     tracker, state.step),
+                                         train.eval_every))
+    if train.progress_bar and dist.is_main():
+        callbacks.append(ProgressBar(train.max_steps, parts.images_per_step))
+    return callbacks
+
+
+def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int) -> dict[str, float]:
+    strategy.eval()
+    with torch.no_grad():
+        metrics = parts.evaluate(strategy)
+    strategy.train()
+    tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+    return metrics
+
+
+def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: OptimizerConfig,
+                strategy_cfg: StrategyConfig, tracking: TrackingConfig,
+                build_parts: Callable[[dist.DistEnv], StageParts],
+                inputs: dict[str, str] | None = None) -> StageResult:
+    """Run one stage to its end (or to an agreed stop) on every rank of this job."""
+    started = time.time()
+    env = dist.read_dist_env()
+    if env.is_distributed and not dist.is_initialized():
+        dist.init_distributed(env)
+    seed_everything(train.seed)
+    run = RunFolder(ctx.run_dir)
+    if dist.is_main():
+        run.create()
+        write_resolved(cfg, run.root / "config.yaml", extra={"world_size": env.world_size,
+                                                             "inputs": inputs or {}})
+    dist.barrier()
+    parts = build_parts(env)
+    state = TrainState()
+    strategy_box: list[Strategy] = []
+
+    def save(state_now: TrainState) -> None:
+        save_checkpoint(run, strategy_box[0], state_now, loader=parts.loader,
+                        callbacks=callbacks, keep_last=train.keep_last)
+
+    tracker_holder = _LazyTracker()
+    callbacks = _callbacks(ctx, train, parts, tracker_holder, strategy_box, save)
+
+    def make_strategy(model: nn.Module) -> Strategy:
+        strategy = build_strategy(strategy_cfg, model, optim, parts.micro_batch_size, env,
+                                  total_steps=train.max_steps, is_backbone=parts.is_backbone)
+        strategy_box.append(strategy)
+        return strategy
+
+    strategy, outcome = resume(run, parts.model, make_strategy, state, loader=parts.loader,
+                               callbacks=callbacks, init_from=parts.init_from,
+                               prefix_map=parts.prefix_map)
+    if dist.is_main():
+        print(f"[{ctx.stage}] {outcome}", flush=True)
+    tracker = build_tracker(tracking, ctx.workdir, env.rank, ctx.stage,
+                            parent_run_id=ctx.parent_run_id,
+                            resume_run_id=state.extra.get("tracker_run_id"), run_folder=run.root,
+                            tags={"detrforge.pipeline": ctx.pipeline, "detrforge.stage": ctx.stage,
+                                  "detrforge.config_hash": config_hash(cfg)})
+    tracker_holder.target = tracker
+    if dist.is_main():
+        state.extra["tracker_run_id"] = tracker.run_id
+        if outcome.kind != "resume":
+            tracker.log_params({**to_dict(cfg), "derived.world_size": env.world_size})
+            tracker.log_artifact(run.root / "config.yaml")
+
+    def step_fn(batch):
+        return parts.task_step(strategy, state, batch)
+
+    result = fit(step_fn, parts.loader, strategy, callbacks, state, train.max_steps, save=save)
+    if result.stopped:
+        tracker.flush()
+        return StageResult(ctx.stage, "stopped", start=outcome.kind, run_id=tracker.run_id,
+                           seconds=time.time() - started)
+    metrics = _eval_and_log(parts, strategy, tracker, state.step)
+    stage_result = _finish(ctx, cfg, parts, strategy, tracker, metrics, outcome.kind, inputs)
+    stage_result.seconds = time.time() - started
+    dist.barrier()
+    return stage_result
+
+
+class _LazyTracker:
+    """Callbacks are built before the tracker (the run id comes from the resumed checkpoint)."""
+
+    target = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.target is not None:
+            self.target.log_metrics(metrics, step)
+
+
+def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, tracker,
+            metrics: dict[str, float], start: str, inputs: dict | None) -> StageResult:
+    """Export (every rank gathers ZeRO shards), then rank 0 writes, registers and records."""
+    state_dict = strategy.consolidated_state_dict()
+    if parts.export_state is not None:
+        state_dict = parts.export_state(state_dict)
+    result = StageResult(ctx.stage, "done", metrics=metrics, main_metric=parts.main_metric,
+                         start=start, run_id=tracker.run_id)
+    if not dist.is_main():
+        return result
+    export_dir = ctx.run_dir / "export"
+    meta = {**parts.meta, "metrics": metrics, "config_hash": config_hash(cfg),
+            "config": to_dict(cfg), "parents": inputs or {}, "stage": ctx.stage,
+            "pipeline": ctx.pipeline}
+    write_export(export_dir, state_dict, meta)
+    result.export_dir = str(export_dir)
+    tracker.log_artifacts(ctx.run_dir / "artifacts", "artifacts") if (
+        ctx.run_dir / "artifacts").is_dir() else None
+    result.model_version = _register(ctx, cfg, tracker, export_dir, inputs)
+    tracker.finish("FINISHED")
+    _write_done(ctx.run_dir, {
+        "stage": ctx.stage, "config_hash": config_hash(cfg), "inputs": inputs or {},
+        "metrics": metrics, "main_metric": parts.main_metric, "mlflow_run_id": tracker.run_id,
+        "registered_model": ctx.model_name if result.model_version else None,
+        "model_version": result.model_version, "finished_at": time.time(),
+    })
+    return result
+
+
+def _register(ctx: StageContext, cfg: Any, tracker, export_dir: Path, inputs: dict | None):
+    from pipeline.registry import register_model
+
+    tags = {"config_hash": config_hash(cfg), "git_commit": git_commit(),
+            "data_fingerprint": json.dumps(inputs or {}, sort_keys=True)[:500]}
+    return register_model(tracker, export_dir, ctx.model_name, tags=tags, strict=False)
+
+
+def git_commit() -> str:
+    """The project's commit, or "unknown" outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
