@@ -250,3 +250,43 @@ def test_postprocess_masks_crop_padding_and_resize():
     rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
     assert (rows.min().item(), rows.max().item()) == (4, 11)  # canvas rows 2-5 -> 4-11
     assert (cols.min().item(), cols.max().item()) == (8, 23)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine each parallel
+    region (binary_cross_entropy_with_logits opens one) waits for a descheduled thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("focal", [True, False])
+def test_free_predictions_trained_with_the_criterion_reach_ap_one(tmp_path, focal, one_thread):
+    """Losses, matcher, post-processing and COCO together: gradient descent on free (B, Q, ...)
+    predictions must fit the two images' boxes and classes."""
+    from pipeline.losses import HungarianMatcher, LossWeights, SetCriterion
+
+    torch.manual_seed(0)
+    targets = []
+    for image in IMAGES:
+        objs = GT_BOXES[image["id"]]
+        boxes = torch.tensor([[(x + w / 2) / image["width"], (y + h / 2) / image["height"],
+                               w / image["width"], h / image["height"]] for _, (x, y, w, h) in objs])
+        targets.append({"labels": torch.tensor([LABELS.index(c) for c, _ in objs]), "boxes": boxes})
+    logits = torch.zeros(2, 5, 2 if focal else 3, requires_grad=True)
+    box_logits = torch.zeros(2, 5, 4).uniform_(-1, 1).requires_grad_()
+    criterion = SetCriterion(2, HungarianMatcher(focal=focal, cost_class=2.0 if focal else 1.0), focal=focal)
+    weights = LossWeights.deformable_detr() if focal else LossWeights.detr()
+    optimizer = torch.optim.Adam([logits, box_logits], lr=0.1)
+    for _ in range(80):
+        outputs = {"pred_logits": logits, "pred_boxes": box_logits.sigmoid()}
+        loss = SetCriterion.weighted_total(criterion(outputs, targets), weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sizes = torch.tensor([[image["height"], image["width"]] for image in IMAGES])
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    evaluator.update([image["id"] for image in IMAGES], postprocess_detections(outputs, sizes, focal=focal))
+    assert evaluator.summarize()["AP"] > 0.95
