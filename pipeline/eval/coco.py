@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -96,9 +97,23 @@ class CocoEvaluator:
         self.known_image_ids = set(self.gt.getImgIds())
         # Records grouped by image, so that images seen twice (padded distributed samplers) count once.
         self.records_by_image: dict[int, list[dict]] = {}
+        self.num_nonfinite_detections = 0
+
+    def finite_detections(self, detection: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The detections whose box and score are finite; the others are counted and warned about
+        (a diverging model must not write NaN into the results json)."""
+        finite = torch.isfinite(detection["boxes"]).all(-1) & torch.isfinite(detection["scores"])
+        num_bad = int((~finite).sum())
+        if num_bad == 0:
+            return detection
+        self.num_nonfinite_detections += num_bad
+        warnings.warn(f"CocoEvaluator: dropped {num_bad} detections with NaN/inf boxes or scores",
+                      RuntimeWarning, stacklevel=3)
+        return {key: value[finite.to(value.device)] for key, value in detection.items()}
 
     def image_records(self, image_id: int, detection: dict[str, Tensor]) -> list[dict]:
         """COCO result records (image_id, category_id, bbox xywh, score[, segmentation]) of one image."""
+        detection = self.finite_detections(detection)
         labels = detection["labels"].tolist()
         missing = sorted({lab for lab in labels if lab not in self.label_to_category_id})
         if missing:

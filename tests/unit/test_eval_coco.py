@@ -290,3 +290,16 @@ def test_free_predictions_trained_with_the_criterion_reach_ap_one(tmp_path, foca
     evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
     evaluator.update([image["id"] for image in IMAGES], postprocess_detections(outputs, sizes, focal=focal))
     assert evaluator.summarize()["AP"] > 0.95
+
+
+def test_nonfinite_detections_are_dropped_and_counted(tmp_path):
+    detections = detections_from_gt()
+    detections[0]["boxes"][1, 2] = float("nan")
+    detections[1]["scores"][0] = float("inf")
+    evaluator = CocoEvaluator(write_gt(tmp_path), LABELS)
+    with pytest.warns(RuntimeWarning, match="dropped 1 detections"):
+        evaluator.update(list(GT_BOXES), detections)
+    assert evaluator.num_nonfinite_detections == 2 and len(evaluator.records) == 2
+    text = evaluator.results_json(tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text and len(json.loads(text)) == 2
+    assert 0.0 < evaluator.summarize()["AP"] < 1.0
