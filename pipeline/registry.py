@@ -9,6 +9,7 @@ MLflow is reached through `pipeline.tracking` (the library's only module that im
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,20 @@ class ModelRow:
     tags: dict[str, str] = field(default_factory=dict)  # config hash, git commit, data fingerprint
     run_id: str | None = None  # run that produced the export
     source: str = ""  # artifact URI of the export folder
+
+
+@contextlib.contextmanager
+def _registry_errors(action: str, tracking_uri: str):
+    """MLflow's own errors (server down, bad store) as a RegistryError saying what failed where."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as err:
+        raise RegistryError(
+            f"pipeline/registry.py: {action} at {tracking_uri} failed: {err}; check that the "
+            "tracking URI is right and its server is up"
+        ) from err
 
 
 def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
@@ -98,8 +113,10 @@ def register_model(
     try:
         if run_id is None:
             raise RegistryError(f"pipeline/registry.py: no MLflow run was created at {uri}")
-        return _register(mlflow_client(uri), run_id, export_dir, name, tags or {}, tuple(aliases))
-    except Exception as err:
+        with _registry_errors(f"registering {name}", uri):
+            client = mlflow_client(uri)
+            return _register(client, run_id, export_dir, name, tags or {}, tuple(aliases))
+    except RegistryError as err:
         if strict:
             raise
         log.warning(
@@ -139,7 +156,11 @@ def _register(
 
 def list_models(tracking_uri: str) -> list[ModelRow]:
     """Every version of every registered model, sorted by name then version."""
-    client = mlflow_client(tracking_uri)
+    with _registry_errors("listing models", tracking_uri):
+        return _list_models(mlflow_client(tracking_uri))
+
+
+def _list_models(client) -> list[ModelRow]:
     # search_model_versions leaves ModelVersion.aliases empty; registered models carry them.
     aliases: dict[tuple[str, int], list[str]] = {}
     for model in _all_pages(client.search_registered_models):
@@ -184,9 +205,10 @@ def promote(tracking_uri: str, name: str, version: int | str, alias: str) -> Non
             "pipeline/registry.py: MLflow reserves the alias 'latest' for the newest version; "
             "promote to another alias (e.g. production, staging)"
         )
-    client = mlflow_client(tracking_uri)
-    _model_version(client, name, version=int(version), alias=None)
-    client.set_registered_model_alias(name, alias, str(int(version)))
+    with _registry_errors(f"promoting {name} version {version} to {alias}", tracking_uri):
+        client = mlflow_client(tracking_uri)
+        _model_version(client, name, version=int(version), alias=None)
+        client.set_registered_model_alias(name, alias, str(int(version)))
 
 
 def _model_version(client, name: str, version: int | None, alias: str | None):
@@ -213,18 +235,17 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     Returns the local folder holding model.safetensors and meta.json (under dst).
     """
     name, version, alias = parse_model_uri(uri)
-    mv = _model_version(mlflow_client(tracking_uri), name, version, alias)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    mlflow = import_mlflow()
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri
-    )
-    local = Path(local)
-    try:
-        _check_export(local)
-    except RegistryError as err:
+    with _registry_errors(f"downloading {uri}", tracking_uri):
+        mv = _model_version(mlflow_client(tracking_uri), name, version, alias)
+        local = import_mlflow().artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    missing = [f for f in EXPORT_FILES if not (Path(local) / f).is_file()]
+    if missing:
         raise RegistryError(
-            f"pipeline/registry.py: {uri} (version {mv.version}) is not an export: {err}"
-        ) from err
-    return local
+            f"pipeline/registry.py: {uri} (version {mv.version}, {mv.source}) lacks "
+            f"{', '.join(missing)}; register an export folder made by the checkpoint export"
+        )
+    return Path(local)

@@ -439,6 +439,15 @@ def test_register_model_from_a_null_tracker_is_a_no_op(tmp_path):
     assert register_model(NullTracker(), _export(tmp_path / "e", b"x"), "m") is None
 
 
+def test_registry_on_an_unreachable_server_raises_a_registry_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(RegistryError, match="listing models .* server is up"):
+        list_models(uri)
+    with pytest.raises(RegistryError, match="registering m "):
+        register_model("0" * 32, _export(tmp_path / "e", b"x"), "m", tracking_uri=uri)
+
+
 def test_register_model_non_strict_warns_when_the_server_is_down(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{_closed_port()}"
