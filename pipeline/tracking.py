@@ -7,6 +7,12 @@ batches with a short HTTP timeout; when the server is down it warns, keeps the n
 
 This is the library's only module that imports mlflow, lazily through `import_mlflow`
 (`pipeline/registry.py` reaches MLflow through it too).
+
+    parent = start_parent_run(cfg, workdir, rank, "demo")  # once per pipeline invocation
+    tracker = build_tracker(cfg, workdir, rank, "detr_pretrain", parent_run_id=parent.run_id,
+                            resume_run_id=saved_run_id, run_folder=run_folder)
+    tracker.log_metrics({"loss": 0.7}, step=100)  # returns at once
+    tracker.finish()  # "FAILED" / "KILLED" (preempted; a resume re-attaches) otherwise
 """
 
 from __future__ import annotations
