@@ -75,10 +75,15 @@ def check_detection_inputs(outputs: dict, targets: list[dict], num_classes: int)
         if tboxes.dim() != 2 or tboxes.shape[-1] != 4 or len(tboxes) != len(labels):
             raise ValueError(f"targets[{i}]: 'boxes' must be (n, 4) and 'labels' (n,); got "
                              f"{tuple(tboxes.shape)} and {tuple(labels.shape)}")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"targets[{i}]: labels must lie in [0, {num_classes}) for a head with "
-                             f"{num_classes} classes, got min {int(labels.min())} max "
-                             f"{int(labels.max())}; check the dataset's label mapping or num_classes")
+    # One range check for the whole batch: on a GPU each check is a device synchronisation.
+    all_labels = torch.cat([t["labels"].reshape(-1) for t in targets])
+    lowest, highest = torch.stack([all_labels.min(), all_labels.max()]).tolist() if len(all_labels) else (0, 0)
+    if lowest < 0 or highest >= num_classes:
+        bad = next(i for i, t in enumerate(targets)
+                   if len(t["labels"]) and not bool(((t["labels"] >= 0) & (t["labels"] < num_classes)).all()))
+        raise ValueError(f"targets[{bad}]: labels must lie in [0, {num_classes}) for a head with "
+                         f"{num_classes} classes, got {targets[bad]['labels'].tolist()}; check the "
+                         "dataset's label mapping or num_classes")
 
 
 class HungarianMatcher(nn.Module):
