@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from pipeline.data.shards import ShardInfo
 from pipeline.data.stream import (
@@ -25,6 +25,7 @@ from pipeline.data.stream import (
     LoaderBase,
     NumpyTransfer,
     decode_counting,
+    make_data_loader,
 )
 
 
@@ -107,8 +108,7 @@ class EvalLoader(LoaderBase):
             self.info, self.decode, self.collate, self.batch_size, self.rank, self.world_size
         )
         workers = min(self.num_workers, len(self.info.shards))
-        extra = {"prefetch_factor": 2} if workers > 0 else {}
-        for item in DataLoader(dataset, batch_size=None, num_workers=workers, **extra):
+        for item in make_data_loader(dataset, workers):
             self.skipped.update(item["skipped"])
             if item["batch"] is not None:
                 yield NumpyTransfer.unpack(item["batch"])

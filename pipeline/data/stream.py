@@ -29,6 +29,7 @@ Evaluation reads each sample exactly once: see :mod:`pipeline.data.eval_stream`.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -244,9 +245,25 @@ class LoaderBase:
         """COCO category id <-> contiguous label (evaluation maps predictions back with it)."""
         return CategoryMap(self.info.categories)
 
-    def _data_loader(self, dataset: IterableDataset) -> DataLoader:
-        extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **extra)
+
+def make_data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    """A DataLoader over an iterable of ready batches, with forked workers where possible.
+
+    Workers start afresh every epoch (the epoch is part of what they compute). Forking makes
+    that cheap; processes started by ``multiprocessing.spawn`` would otherwise spawn their
+    workers too, re-importing torch each epoch (seconds per epoch).
+    """
+    if num_workers == 0:
+        return DataLoader(dataset, batch_size=None)
+    methods = mp.get_all_start_methods()
+    context = mp.get_context("fork") if "fork" in methods else None
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=2,
+        multiprocessing_context=context,
+    )
 
 
 class TrainLoader(LoaderBase):
@@ -305,7 +322,8 @@ class TrainLoader(LoaderBase):
     def __iter__(self) -> Iterator:
         self._roll_epoch_if_done()
         remaining = self.steps_per_epoch - self.batches_in_epoch
-        batches = iter(self._data_loader(TrainStream(self._plan(), self.decode, self.collate)))
+        stream = TrainStream(self._plan(), self.decode, self.collate)
+        batches = iter(make_data_loader(stream, self.num_workers))
         try:
             for _ in range(remaining):
                 item = next(batches)
