@@ -220,6 +220,15 @@ def test_many_and_long_params_are_chunked_and_clipped(tmp_path, caplog, new_work
     assert "truncated" in caplog.text
 
 
+def test_more_metrics_than_one_mlflow_batch_all_arrive(new_workdir):
+    tracker = build_tracker(_cfg(), new_workdir(), 0, "wide")
+    tracker.log_metrics({f"class_ap/{i}": i / 1500 for i in range(1500)}, step=1)  # limit: 1000
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.finish()
+    metrics = mlflow_client(tracker.tracking_uri).get_run(tracker.run_id).data.metrics
+    assert len(metrics) == 1501 and metrics["class_ap/1499"] == 1499 / 1500
+
+
 def test_resume_reattaches_to_the_same_run_and_metrics_continue(tmp_path, new_workdir):
     workdir, folder = new_workdir(), tmp_path / "stage"
     first = build_tracker(_cfg(), workdir, rank=0, run_name="stage", run_folder=folder)
