@@ -132,11 +132,13 @@ class StageJob(submitit.helpers.Checkpointable):
         submitit_handler = signal.signal(stop_signal, lambda signum, frame: context.request_stop())
         try:
             result = function(**self.kwargs, job=context)
+            if context.stop_requested() and context.rank == 0 and callable(submitit_handler):
+                # submitit's handler calls self.checkpoint(), requeues the job and exits this
+                # process. Ours stays installed meanwhile: the signals that come with the requeue
+                # must not enter submitit's handler a second time.
+                submitit_handler(stop_signal, None)
         finally:
             signal.signal(stop_signal, submitit_handler)
-        if context.stop_requested() and context.rank == 0 and callable(submitit_handler):
-            # submitit's handler calls self.checkpoint(), requeues the job and exits this process.
-            submitit_handler(stop_signal, None)
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:

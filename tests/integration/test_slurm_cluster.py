@@ -36,10 +36,18 @@ def cluster() -> ClusterConfig:
             patch.setenv("SLURM_CONF", str(_default_slurm_conf()))
         if shutil.which("sinfo") is None:
             pytest.skip("local SLURM cluster is not up: no `sinfo` (run launch/slurm/cluster.sh up)")
-        probe = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], capture_output=True,
-                               text=True, timeout=20)
-        if probe.returncode != 0:
-            pytest.skip(f"local SLURM cluster is not up: sinfo failed ({probe.stderr.strip()}); "
+        conf = os.environ.get("SLURM_CONF")
+        if conf and not Path(conf).exists():  # sinfo would retry for a minute
+            pytest.skip(f"local SLURM cluster is not up: SLURM_CONF={conf} does not exist "
+                        "(run launch/slurm/cluster.sh up)")
+        try:
+            probe = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"],
+                                   capture_output=True, text=True, timeout=15)
+            failure = probe.stderr.strip() if probe.returncode else ""
+        except subprocess.TimeoutExpired:
+            failure = "no answer within 15 s"
+        if failure:
+            pytest.skip(f"local SLURM cluster is not up: sinfo failed ({failure}); "
                         "run launch/slurm/cluster.sh up")
         yield load_cluster_config(REPO / "configs" / "clusters" / "local.yaml")
 
@@ -92,28 +100,37 @@ def test_failing_parent_cancels_its_afterok_dependant(cluster, tmp_path):
     assert not marker.exists()
 
 
-def test_scontrol_requeue_reruns_the_job_under_the_same_id(cluster, tmp_path):
-    job = submit(cluster, tmp_path, "launch.selftest:count_attempts", {"wait_s": 120}, "requeue")
-    wait_for(lambda: (tmp_path / "requeue" / "attempts").exists(), 60, "the first attempt")
-    subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
+@pytest.fixture(scope="module")
+def interrupted_jobs(cluster, tmp_path_factory):
+    """Two running jobs interrupted at once, so that their ~10 s waits for a restart overlap:
+    "requeue" by `scontrol requeue`, "stop" by the signal SLURM sends before the time limit."""
+    tmp_path = tmp_path_factory.mktemp("interrupted")
+    counted = submit(cluster, tmp_path, "launch.selftest:count_attempts", {"wait_s": 120}, "requeue")
+    trained = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
+                     {"steps": 12, "step_s": 0.5}, "stop")
+    wait_for(lambda: (tmp_path / "requeue" / "attempts").exists()
+             and (tmp_path / "stop" / "started").exists(), 60, "both jobs to start")
+    time.sleep(1.0)
+    subprocess.run(["scontrol", "requeue", counted.job_id], check=True, timeout=30)
+    # What SLURM does signal_delay_s before the time limit: USR2 to every task of the job.
+    subprocess.run(["scancel", "--signal=USR2", trained.job_id], check=True, timeout=30)
+    return tmp_path, counted, trained
+
+
+def test_scontrol_requeue_reruns_the_job_under_the_same_id(interrupted_jobs):
+    _, job, _ = interrupted_jobs
     result = job.result()
     assert result == {"attempts": 2, "restart_count": 1, "is_restart": True, "job_id": job.job_id}
 
 
-def test_stop_signal_saves_at_a_step_boundary_then_requeues_and_resumes(cluster, tmp_path):
-    run = tmp_path / "stop"
-    job = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
-                 {"steps": 12, "step_s": 0.5}, "stop")
-    wait_for(lambda: (run / "started").exists(), 60, "the first attempt")
-    time.sleep(1.0)
-    # What SLURM does signal_delay_s before the time limit: USR2 to every task of the job.
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
+def test_stop_signal_saves_at_a_step_boundary_then_requeues_and_resumes(interrupted_jobs):
+    tmp_path, _, job = interrupted_jobs
     result = job.result()
-    saved = json.loads((run / "saved.json").read_text())["step"]
+    saved = json.loads((tmp_path / "stop" / "saved.json").read_text())["step"]
     assert 0 < saved < 12
     assert result == {"resumed_from": saved, "final_step": 12, "restart_count": 1,
                       "job_id": job.job_id}
-    assert (run / STOP_FILE_NAME).read_text().strip() == f"{job.job_id}:0"
+    assert (tmp_path / "stop" / STOP_FILE_NAME).read_text().strip() == f"{job.job_id}:0"
 
 
 def test_stop_signal_past_max_requeues_fails_the_job(cluster, tmp_path):
@@ -124,3 +141,22 @@ def test_stop_signal_past_max_requeues_fails_the_job(cluster, tmp_path):
     with pytest.raises(FailedJobError, match="not requeued"):
         job.result()
     assert json.loads((tmp_path / "limit" / "saved.json").read_text())["step"] > 0
+
+
+def test_partition_preemption_sigterm_saves_and_resumes(cluster, tmp_path):
+    # The whole node in the low-priority partition; a job in 'urgent' then preempts it (requeue,
+    # SIGTERM first), which submitit only handles with SUBMITIT_PREEMPT_SIGNAL=TERM.
+    run = tmp_path / "low"
+    low = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
+                 {"steps": 16, "step_s": 0.5}, "low", cpus_per_task=4, preempt_signal="TERM")
+    wait_for(lambda: (run / "started").exists(), 60, "the low-priority job to start")
+    time.sleep(1.0)
+    marker = tmp_path / "urgent-ran"
+    urgent = submit(cluster, tmp_path, "launch.selftest:write_marker", {"path": str(marker)},
+                    "urgent", partition="urgent")
+    assert urgent.result() == str(marker)
+    result = low.result()
+    saved = json.loads((run / "saved.json").read_text())["step"]
+    assert 0 < saved < 16
+    assert result == {"resumed_from": saved, "final_step": 16, "restart_count": 1,
+                      "job_id": low.job_id}
