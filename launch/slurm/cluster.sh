@@ -16,8 +16,11 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SLURM_HOME=${DETRFORGE_SLURM_HOME:-$REPO_ROOT/.cache/slurm}
 case $SLURM_HOME in /*) ;; *) SLURM_HOME=$PWD/$SLURM_HOME ;; esac
 SLURM_HOME=${SLURM_HOME%/}
-# Ports away from SLURM's defaults (6817-6819) so a system cluster on the same machine is untouched.
-PORT_BASE=${DETRFORGE_SLURM_PORT_BASE:-16817}
+case $SLURM_HOME in *[[:space:]]*) echo "cluster.sh: error: DETRFORGE_SLURM_HOME='$SLURM_HOME' contains whitespace, which slurm.conf cannot hold; choose another folder" >&2; exit 1 ;; esac
+# Four ports away from SLURM's defaults (6817-6819), so a system cluster is untouched, and derived
+# from the folder, so two checkouts on one machine run two clusters side by side. Below 20000:
+# submitit picks MASTER_PORT in 20000-60000.
+PORT_BASE=${DETRFORGE_SLURM_PORT_BASE:-$((10000 + $(cksum <<<"$SLURM_HOME" | cut -d' ' -f1) % 2000 * 4))}
 CTLD_PORT=$PORT_BASE
 SLURMD_PORT=$((PORT_BASE + 1))
 DBD_PORT=$((PORT_BASE + 2))
@@ -344,8 +347,13 @@ cmd_up() {
     local name
     for name in munged mariadbd slurmdbd; do ensure_daemon "$name"; done
     register_accounting
+    local fresh_controller=0
+    daemon_pid slurmctld >/dev/null || fresh_controller=1
     for name in slurmctld slurmd; do ensure_daemon "$name"; done
     wait_node_ready
+    # A controller that starts again recovers (and requeues) the jobs of its last run, e.g. after
+    # a crash or a reboot; on a test cluster they would only hold resources that tests wait for.
+    if ((fresh_controller)); then cancel_jobs; fi
     log "cluster up: node localhost is $(node_state)"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
