@@ -71,6 +71,14 @@ class JobContext:
         except FileNotFoundError:
             return False
 
+    def clear_stale_stop_request(self) -> None:
+        """Remove a stop request left by an earlier attempt, for loops that only test existence."""
+        try:
+            if Path(self.stop_file).read_text().strip() != self.attempt:
+                Path(self.stop_file).unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
     def request_stop(self) -> None:
         """Ask every rank to stop at the next step boundary (atomic write; safe in a signal handler)."""
         tmp = f"{self.stop_file}.{os.getpid()}.tmp"
@@ -128,6 +136,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 f"job {context.job_id} of {self.target!r} was requeued {context.restart_count} times, "
                 f"more than max_requeues={self.max_requeues}; see the logs in {self.run_folder}")
         function = resolve_target(self.target)
+        context.clear_stale_stop_request()
         stop_signal = preempt_signal()
         submitit_handler = signal.signal(stop_signal, lambda signum, frame: context.request_stop())
         try:

@@ -173,6 +173,16 @@ def test_stop_request_of_an_older_attempt_is_ignored(tmp_path):
     assert context.stop_requested()
 
 
+def test_a_new_attempt_removes_the_stop_request_of_the_last_one(tmp_path, outside_any_job):
+    (tmp_path / STOP_FILE_NAME).write_text("direct:7\n")  # an older attempt's request
+    StageJob("launch.selftest:write_marker", {"path": str(tmp_path / "marker")}, tmp_path)()
+    assert not (tmp_path / STOP_FILE_NAME).exists()
+    (tmp_path / STOP_FILE_NAME).write_text("direct:0\n")
+    context = JobContext(str(tmp_path), str(tmp_path / STOP_FILE_NAME), "direct", 0, 0, 1, 0)
+    context.clear_stale_stop_request()  # the current attempt's own request stays
+    assert context.stop_requested()
+
+
 def test_checkpoint_requests_stop_and_requeues_a_fresh_job_until_the_limit(tmp_path, outside_any_job):
     job = StageJob("launch.selftest:write_marker", {"path": "x"}, tmp_path, max_requeues=2)
     for restart in range(2):
