@@ -264,6 +264,7 @@ wait_node_ready() {
 }
 
 cmd_up() {
+    [[ $(id -u) == 0 ]] || die "the test cluster runs its daemons as root (SlurmUser=root), as CI containers do; run this as root"
     cmd_install
     prepare_folder
     local name
