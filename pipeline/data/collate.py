@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,12 +31,15 @@ def collate_detection(samples: Sequence[tuple[Tensor, dict]], size_divisibility:
     widths = [image.shape[2] for image, _ in samples]
     step = max(1, size_divisibility)
     height, width = -(-max(heights) // step) * step, -(-max(widths) // step) * step
-    images = samples[0][0].new_zeros((len(samples), 3, height, width))
-    padding_mask = torch.ones((len(samples), height, width), dtype=torch.bool)
-    targets = []
-    for i, (image, target) in enumerate(samples):
+    # numpy for the copies: single-threaded, no competition with the trainer's torch threads.
+    images = np.zeros((len(samples), 3, height, width), dtype=np.float32)
+    padding_mask = np.ones((len(samples), height, width), dtype=bool)
+    for i, (image, _) in enumerate(samples):
         h, w = image.shape[1:]
-        images[i, :, :h, :w] = image
+        images[i, :, :h, :w] = image.numpy()
         padding_mask[i, :h, :w] = False
-        targets.append(target)
-    return {"images": images, "padding_mask": padding_mask, "targets": targets}
+    return {
+        "images": torch.from_numpy(images),
+        "padding_mask": torch.from_numpy(padding_mask),
+        "targets": [target for _, target in samples],
+    }

@@ -20,8 +20,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.boxes import box_xyxy_to_cxcywh
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,17 +41,17 @@ def _sample_masks(masks: Tensor, region: Sequence[float], out_w: int, out_h: int
     """Nearest sampling of (n, H, W) masks on the pixel centres of ``region`` -> (n, out_h, out_w).
 
     Output pixel (u, v) takes the source pixel under its centre, so a mask edge lands within
-    half a pixel of where the same map puts a box edge.
+    half a pixel of where the same map puts a box edge. numpy, not torch: single-threaded, so
+    loader processes do not compete for cores with torch's intra-op threads.
     """
     x0, y0, x1, y1 = region
     height, width = masks.shape[-2:]
-    cols = (
-        (x0 + (torch.arange(out_w) + 0.5) * ((x1 - x0) / out_w)).floor().long().clamp(0, width - 1)
+    cols = np.floor(x0 + (np.arange(out_w) + 0.5) * ((x1 - x0) / out_w)).astype(np.int64)
+    rows = np.floor(y0 + (np.arange(out_h) + 0.5) * ((y1 - y0) / out_h)).astype(np.int64)
+    array = masks.numpy()
+    return torch.from_numpy(
+        np.ascontiguousarray(array[:, rows.clip(0, height - 1)][:, :, cols.clip(0, width - 1)])
     )
-    rows = (
-        (y0 + (torch.arange(out_h) + 0.5) * ((y1 - y0) / out_h)).floor().long().clamp(0, height - 1)
-    )
-    return masks[:, rows][:, :, cols]
 
 
 def resample(
@@ -65,22 +63,22 @@ def resample(
     crops it stands for: repeated resampling would drift masks away from boxes. Boxes are
     clipped to the region; objects left without area (or, with masks, without pixels) are dropped.
     """
-    x0, y0, x1, y1 = region
-    scale = torch.tensor([out_w / (x1 - x0), out_h / (y1 - y0)] * 2)
-    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, x1 - x0)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, y1 - y0)
-    boxes = boxes * scale
+    # numpy on the small box arrays: single-threaded (see _sample_masks).
+    x0, y0, x1, y1 = (float(v) for v in region)
+    boxes = target["boxes"].numpy().reshape(-1, 4) - np.array([x0, y0, x0, y0], np.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, x1 - x0)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, y1 - y0)
+    boxes = (boxes * np.array([out_w / (x1 - x0), out_h / (y1 - y0)] * 2)).astype(np.float32)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    target = dict(target, boxes=boxes, size=torch.tensor([out_h, out_w]))
+    target = dict(target, boxes=torch.from_numpy(boxes), size=torch.tensor([out_h, out_w]))
     if "area" in target:  # as DETR: the area of what is left is the clipped box's
-        target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        target["area"] = torch.from_numpy((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     if "masks" in target:
         target["masks"] = _sample_masks(target["masks"], region, out_w, out_h)
-        keep &= target["masks"].flatten(1).any(1)
+        keep &= target["masks"].numpy().reshape(len(boxes), out_h * out_w).any(1)
     for key in ("boxes", "labels", "masks", "area", "iscrowd"):
         if key in target:
-            target[key] = target[key][keep]
+            target[key] = torch.from_numpy(np.ascontiguousarray(target[key].numpy()[keep]))
     return image.resize((out_w, out_h), Image.BILINEAR, box=tuple(float(v) for v in region)), target
 
 
@@ -97,12 +95,13 @@ def crop(image: Image.Image, target: Target, top: int, left: int, height: int, w
 
 def hflip(image: Image.Image, target: Target) -> tuple:
     """Mirror left-right: x0' = W - x1, x1' = W - x0; masks flipped."""
-    boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor(
-        [image.width, 0, image.width, 0]
+    boxes = target["boxes"].numpy().reshape(-1, 4)[:, [2, 1, 0, 3]] * np.array(
+        [-1, 1, -1, 1], np.float32
     )
-    target = dict(target, boxes=boxes)
+    boxes += np.array([image.width, 0, image.width, 0], np.float32)
+    target = dict(target, boxes=torch.from_numpy(boxes))
     if "masks" in target:
-        target["masks"] = target["masks"].flip(-1)
+        target["masks"] = torch.from_numpy(np.ascontiguousarray(target["masks"].numpy()[..., ::-1]))
     return image.transpose(Image.FLIP_LEFT_RIGHT), target
 
 
@@ -165,23 +164,29 @@ class DetectionEval:
         return resize(image, target, self.size, self.max_size)
 
 
+_MEAN_255 = np.array(IMAGENET_MEAN, np.float32) * 255
+_INV_STD_255 = 1 / (np.array(IMAGENET_STD, np.float32) * 255)
+
+
 def image_to_tensor(image: Image.Image) -> Tensor:
-    """PIL RGB -> (3, H, W) float32 normalised with the ImageNet mean and std."""
-    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-    pixels = array.permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    """PIL RGB -> (3, H, W) float32 normalised with the ImageNet mean and std (numpy inside)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    normalised = (pixels - _MEAN_255) * _INV_STD_255
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
 
 def to_model_inputs(image: Image.Image, target: Target) -> tuple[Tensor, Target]:
-    """Final step: normalised image tensor and boxes as cx, cy, w, h in [0, 1] of the image."""
+    """Final step: normalised image tensor and boxes as cx, cy, w, h in [0, 1] of the image.
+
+    (The same conversion as ``pipeline.boxes.box_xyxy_to_cxcywh``, in numpy: see _sample_masks.)
+    """
     height, width = image.height, image.width
-    boxes = target["boxes"].reshape(-1, 4)
-    boxes = box_xyxy_to_cxcywh(boxes) / torch.tensor(
-        [width, height, width, height], dtype=torch.float32
+    x0, y0, x1, y1 = target["boxes"].numpy().reshape(-1, 4).T
+    boxes = np.stack(
+        [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height], 1
     )
-    return image_to_tensor(image), dict(target, boxes=boxes.clamp(0, 1))
+    boxes = torch.from_numpy(boxes.clip(0, 1).astype(np.float32).reshape(-1, 4))
+    return image_to_tensor(image), dict(target, boxes=boxes)
 
 
 @dataclass(frozen=True)
