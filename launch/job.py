@@ -1,6 +1,6 @@
 """The one callable that submitit runs for a stage, locally or on SLURM.
 
-:class:`StageJob` imports a callable by name (``"stages.runner:run_stage"``), exports the
+:class:`StageJob` imports a callable by name (``"launch.stage_main:run_stage"``), exports the
 distributed environment from submitit (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
 calls it with its keyword arguments plus ``job=JobContext(...)``.
 
@@ -14,6 +14,8 @@ under the same id. The requeued job starts from the run folder's ``latest`` chec
 stage's default resume order, so ``checkpoint()`` needs no state beyond the constructor's
 arguments. A job is requeued at most ``max_requeues`` times (``SLURM_RESTART_COUNT``, or a counter
 in the run folder for the local executor); a target that raises fails the job and is not requeued.
+A target that never polls the stop request is requeued ``stop_grace_s`` after the signal, when set
+(like submitit's own behaviour), else it runs on until SLURM ends it at the time limit.
 """
 
 from __future__ import annotations
@@ -113,13 +115,18 @@ class StageJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, target: str, kwargs: dict[str, Any] | None, run_folder: str | Path,
-                 max_requeues: int = 3) -> None:
+                 max_requeues: int = 3, stop_grace_s: float | None = None) -> None:
         self.target = target
         self.kwargs = dict(kwargs or {})
         self.run_folder = str(run_folder)
         self.max_requeues = max_requeues
+        # After a stop signal, the target has this long to save and return before rank 0 requeues
+        # the job anyway (for targets that never poll the stop request); None: wait for it.
+        self.stop_grace_s = stop_grace_s
         if max_requeues < 0:
             raise StageJobError(f"max_requeues must be >= 0, got {max_requeues}")
+        if stop_grace_s is not None and stop_grace_s <= 0:
+            raise StageJobError(f"stop_grace_s must be > 0 or None, got {stop_grace_s}")
         if "job" in self.kwargs:
             raise StageJobError("kwargs may not hold 'job': StageJob passes the JobContext under that name")
         try:
@@ -137,16 +144,31 @@ class StageJob(submitit.helpers.Checkpointable):
                 f"more than max_requeues={self.max_requeues}; see the logs in {self.run_folder}")
         function = resolve_target(self.target)
         context.clear_stale_stop_request()
+        return self._run(function, context)
+
+    def _run(self, function: Callable[..., Any], context: JobContext) -> Any:
         stop_signal = preempt_signal()
-        submitit_handler = signal.signal(stop_signal, lambda signum, frame: context.request_stop())
+        submitit_handler = signal.getsignal(stop_signal)
+        can_requeue = context.rank == 0 and callable(submitit_handler)
+
+        def on_stop(signum: int, frame: Any) -> None:
+            first = not context.stop_requested()
+            context.request_stop()
+            if first and can_requeue and self.stop_grace_s is not None:
+                signal.signal(signal.SIGALRM, lambda *_: submitit_handler(stop_signal, None))
+                signal.setitimer(signal.ITIMER_REAL, self.stop_grace_s)
+
+        signal.signal(stop_signal, on_stop)
         try:
             result = function(**self.kwargs, job=context)
-            if context.stop_requested() and context.rank == 0 and callable(submitit_handler):
+            signal.setitimer(signal.ITIMER_REAL, 0)  # returned within the grace time
+            if context.stop_requested() and can_requeue:
                 # submitit's handler calls self.checkpoint(), requeues the job and exits this
                 # process. Ours stays installed meanwhile: the signals that come with the requeue
                 # must not enter submitit's handler a second time.
                 submitit_handler(stop_signal, None)
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(stop_signal, submitit_handler)
         return result
 
@@ -161,7 +183,8 @@ class StageJob(submitit.helpers.Checkpointable):
         if context.restart_count >= self.max_requeues:
             return None
         _record_requeue(context)
-        fresh = type(self)(self.target, self.kwargs, self.run_folder, self.max_requeues)
+        fresh = type(self)(self.target, self.kwargs, self.run_folder, self.max_requeues,
+                           self.stop_grace_s)
         return DelayedSubmission(fresh, *args, **kwargs)
 
 

@@ -65,11 +65,12 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 
 
 def submit(cluster: ClusterConfig, tmp_path: Path, target: str, kwargs: dict, name: str,
-           dependency: str | None = None, **overrides):
+           dependency: str | None = None, stop_grace_s: float | None = None, **overrides):
     config = ClusterConfig(**{**cluster.__dict__, "tasks_per_node": 1, **overrides})
     executor = make_executor("slurm", tmp_path / "submitit" / "%j", config, job_name=name,
                              dependency=dependency)
-    return executor.submit(StageJob(target, kwargs, tmp_path / name, config.max_requeues))
+    return executor.submit(StageJob(target, kwargs, tmp_path / name, config.max_requeues,
+                                    stop_grace_s))
 
 
 def test_two_ranks_all_reduce_with_gloo_on_fake_gpus(cluster, tmp_path):
@@ -102,35 +103,45 @@ def test_failing_parent_cancels_its_afterok_dependant(cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def interrupted_jobs(cluster, tmp_path_factory):
-    """Two running jobs interrupted at once, so that their ~10 s waits for a restart overlap:
-    "requeue" by `scontrol requeue`, "stop" by the signal SLURM sends before the time limit."""
+    """Three running jobs interrupted at once, so that their ~10 s waits for a restart overlap:
+    "requeue" by `scontrol requeue`; "stop" and "deaf" (which never polls the stop request) by
+    the signal SLURM sends before the time limit."""
     tmp_path = tmp_path_factory.mktemp("interrupted")
     counted = submit(cluster, tmp_path, "launch.selftest:count_attempts", {"wait_s": 120}, "requeue")
     trained = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
                      {"steps": 12, "step_s": 0.5}, "stop")
-    wait_for(lambda: (tmp_path / "requeue" / "attempts").exists()
-             and (tmp_path / "stop" / "started").exists(), 60, "both jobs to start")
+    deaf = submit(cluster, tmp_path, "launch.selftest:count_attempts", {"wait_s": 120}, "deaf",
+                  stop_grace_s=2.0)
+    wait_for(lambda: all((tmp_path / name / file).exists() for name, file in (
+        ("requeue", "attempts"), ("stop", "started"), ("deaf", "attempts"))), 60, "the jobs to start")
     time.sleep(1.0)
     subprocess.run(["scontrol", "requeue", counted.job_id], check=True, timeout=30)
     # What SLURM does signal_delay_s before the time limit: USR2 to every task of the job.
-    subprocess.run(["scancel", "--signal=USR2", trained.job_id], check=True, timeout=30)
-    return tmp_path, counted, trained
+    for job in (trained, deaf):
+        subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
+    return {"folder": tmp_path, "requeue": counted, "stop": trained, "deaf": deaf}
 
 
 def test_scontrol_requeue_reruns_the_job_under_the_same_id(interrupted_jobs):
-    _, job, _ = interrupted_jobs
+    job = interrupted_jobs["requeue"]
     result = job.result()
     assert result == {"attempts": 2, "restart_count": 1, "is_restart": True, "job_id": job.job_id}
 
 
 def test_stop_signal_saves_at_a_step_boundary_then_requeues_and_resumes(interrupted_jobs):
-    tmp_path, _, job = interrupted_jobs
+    tmp_path, job = interrupted_jobs["folder"], interrupted_jobs["stop"]
     result = job.result()
     saved = json.loads((tmp_path / "stop" / "saved.json").read_text())["step"]
     assert 0 < saved < 12
     assert result == {"resumed_from": saved, "final_step": 12, "restart_count": 1,
                       "job_id": job.job_id}
-    assert (tmp_path / "stop" / STOP_FILE_NAME).read_text().strip() == f"{job.job_id}:0"
+    assert not (tmp_path / "stop" / STOP_FILE_NAME).exists()  # the second attempt cleared it
+
+
+def test_target_that_ignores_the_stop_request_is_requeued_after_the_grace_time(interrupted_jobs):
+    job = interrupted_jobs["deaf"]
+    result = job.result()
+    assert result == {"attempts": 2, "restart_count": 1, "is_restart": True, "job_id": job.job_id}
 
 
 def test_stop_signal_past_max_requeues_fails_the_job(cluster, tmp_path):
