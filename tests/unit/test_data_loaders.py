@@ -81,16 +81,17 @@ def test_batches_follow_the_convention(samples):
         assert min(target["orig_size"].tolist()) == 96  # tiny detect images: 96 px shorter side
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_gives_the_batches_of_the_uninterrupted_run(samples, num_workers):
+@pytest.mark.parametrize("num_workers, consumed", [(0, 3), (0, 4), (2, 3)])
+def test_resume_gives_the_batches_of_the_uninterrupted_run(samples, num_workers, consumed):
+    """Stop after ``consumed`` batches (mid-epoch, or exactly at the epoch end), resume."""
     cfg = _detect_cfg(samples / "detect", steps_per_epoch=4, num_workers=num_workers)
     expected = _take(build_detection_loader(cfg, "train", seed=3), 7)  # crosses an epoch end
     first = build_detection_loader(cfg, "train", seed=3)
-    head = _take(first, 3)
+    head = _take(first, consumed)
     state = json.loads(json.dumps(first.state_dict()))  # the state survives a JSON round trip
     resumed = build_detection_loader(cfg, "train", seed=3)
     resumed.load_state_dict(state)
-    assert head + _take(resumed, 4) == expected
+    assert head + _take(resumed, 7 - consumed) == expected
     other_seed = _take(build_detection_loader(cfg, "train", seed=4), 3)
     assert other_seed != expected[:3]
 
