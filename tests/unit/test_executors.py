@@ -151,6 +151,13 @@ def test_stage_job_rejects_bad_targets_at_construction(tmp_path, target, kwargs,
         StageJob(target, kwargs, tmp_path)
 
 
+@pytest.mark.parametrize("limits, message", [({"max_requeues": -1}, "max_requeues"),
+                                             ({"stop_grace_s": 0}, "stop_grace_s")])
+def test_stage_job_rejects_bad_limits(tmp_path, limits, message):
+    with pytest.raises(StageJobError, match=message):
+        StageJob("launch.selftest:write_marker", {"path": "x"}, tmp_path, **limits)
+
+
 def test_direct_call_passes_a_job_context(tmp_path, outside_any_job):
     marker = tmp_path / "marker"
     assert StageJob("launch.selftest:write_marker", {"path": str(marker)}, tmp_path / "run")() == str(marker)
@@ -184,14 +191,15 @@ def test_a_new_attempt_removes_the_stop_request_of_the_last_one(tmp_path, outsid
 
 
 def test_checkpoint_requests_stop_and_requeues_a_fresh_job_until_the_limit(tmp_path, outside_any_job):
-    job = StageJob("launch.selftest:write_marker", {"path": "x"}, tmp_path, max_requeues=2)
+    job = StageJob("launch.selftest:write_marker", {"path": "x"}, tmp_path, max_requeues=2,
+                   stop_grace_s=30.0)
     for restart in range(2):
         assert job_context(tmp_path, export_env=False).restart_count == restart
         delayed = job.checkpoint()
         assert isinstance(delayed, DelayedSubmission) and delayed.function is not job
         fresh = delayed.function
-        assert (fresh.target, fresh.kwargs, fresh.run_folder, fresh.max_requeues) == (
-            job.target, job.kwargs, job.run_folder, 2)
+        assert (fresh.target, fresh.kwargs, fresh.run_folder, fresh.max_requeues,
+                fresh.stop_grace_s) == (job.target, job.kwargs, job.run_folder, 2, 30.0)
         assert (tmp_path / STOP_FILE_NAME).read_text().strip() == f"direct:{restart}"
     assert json.loads((tmp_path / "requeue_count.json").read_text())["count"] == 2
     assert job.checkpoint() is None  # limit reached: submitit ends the job instead of requeueing
