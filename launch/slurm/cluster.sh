@@ -163,6 +163,12 @@ replace_if_changed() {
     mv -f "$tmp" "$file"
 }
 
+any_daemon_running() {
+    local name
+    for name in "${DAEMONS_START_ORDER[@]}"; do daemon_pid "$name" >/dev/null && return 0; done
+    return 1
+}
+
 prepare_folder() {
     if [[ -d $SLURM_HOME && ! -e $MARKER && -n $(ls -A "$SLURM_HOME") ]]; then
         die "$SLURM_HOME exists, is not empty and was not made by this script; set DETRFORGE_SLURM_HOME to another folder"
@@ -176,7 +182,7 @@ prepare_folder() {
     write_gres_conf | replace_if_changed "$ETC/gres.conf" && changed=1
     write_slurmdbd_conf | replace_if_changed "$ETC/slurmdbd.conf" && changed=1
     chmod 600 "$ETC/slurmdbd.conf"
-    if ((changed)) && daemon_pid slurmctld >/dev/null; then
+    if ((changed)) && any_daemon_running; then
         log "configuration changed: restarting the daemons"
         stop_all_daemons
     fi
@@ -219,10 +225,10 @@ start_slurmctld() { slurmctld -f "$SLURM_CONF" </dev/null >>"$LOG/slurmctld.log"
 start_slurmd() { slurmd -f "$SLURM_CONF" -N localhost </dev/null >>"$LOG/slurmd.log" 2>&1; }
 
 wait_for() {  # WHAT SECONDS COMMAND...
-    local what=$1 deadline=$((SECONDS + $2))
+    local what=$1 seconds=$2 deadline=$((SECONDS + $2))
     shift 2
     until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "$what not ready after ${deadline}s; see the logs in $LOG"
+        ((SECONDS < deadline)) || die "$what not ready after ${seconds}s; see the logs in $LOG"
         sleep 0.5
     done
 }
