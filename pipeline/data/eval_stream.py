@@ -108,6 +108,7 @@ class EvalLoader(LoaderBase):
             self.info, self.decode, self.collate, self.batch_size, self.rank, self.world_size
         )
         workers = min(self.num_workers, len(self.info.shards))
+        self.skipped = Counter()  # per evaluation pass: each pass reads the same samples
         for item in make_data_loader(dataset, workers):
             self.skipped.update(item["skipped"])
             if item["batch"] is not None:

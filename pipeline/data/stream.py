@@ -1,4 +1,4 @@
-"""Resumable sample streams over shards: resampled training epochs and exact-once evaluation.
+"""Resumable training streams over shards: resampled epochs with a fixed number of batches.
 
 Training (:class:`TrainLoader`). An epoch is a FIXED number of batches (``steps_per_epoch``),
 the same on every rank, so ranks never disagree on batch counts. The batches come from
@@ -192,6 +192,7 @@ class TrainStream(IterableDataset):
         for position, raw in enumerate(self._raw_samples(stream, guard, errors), start=1):
             read_errors = errors.drain()
             if position <= plan.start_positions[stream]:
+                guard.since_last_sample = 0  # replaying a consumed part is progress too
                 continue  # consumed before the resume; its errors were counted then
             skipped.update(read_errors)
             rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 2, position))
