@@ -241,3 +241,20 @@ def test_all_bad_shards_raise_instead_of_hanging(tmp_path):
     loader = build_detection_loader(_detect_cfg(tmp_path / "bad"), "train")
     with pytest.raises(DataError, match="without one usable sample"):
         next(iter(loader))
+
+
+def test_eval_loader_skips_bad_samples_too(samples, tmp_path):
+    root = _broken_set(samples, tmp_path / "broken")
+    loader = build_detection_loader(_detect_cfg(root, train_splits=[]), "train")
+    ids = [t["image_id"] for batch in loader for t in batch["targets"]]
+    assert (
+        len(ids) >= 8 + 1
+    )  # the good shard, the sample with unknown categories, part of the cut one
+    for reason in (
+        "corrupt_image",
+        "corrupt_json",
+        "incomplete_sample",
+        "size_mismatch",
+        "corrupt_tar",
+    ):
+        assert loader.skipped.get(reason, 0) > 0, (reason, loader.skipped)
