@@ -274,5 +274,7 @@ def test_rerun_into_the_same_folder_leaves_nothing_stale(tmp_path, monkeypatch):
     assert summaries["classify/train"].images_written == 48
     assert len(list((tmp_path / "classify/raw/train").rglob("*.jpg"))) == 48
     assert len(list((tmp_path / "detect/annotations/panoptic_train").glob("*.png"))) == 24
-    assert load_shard_info(tmp_path / "detect/train").shards == [f"shard-00000{i}.tar" for i in range(3)]
+    assert load_shard_info(tmp_path / "detect/train").shards == [
+        f"shard-00000{i}.tar" for i in range(3)
+    ]
     assert not (tmp_path / "detect/train/shard-000005.tar").exists()
