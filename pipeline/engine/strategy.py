@@ -80,17 +80,31 @@ def default_device(env: dist.DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+DEFAULT_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce/allgather bucket default
+DEFAULT_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's ZeRO-3 prefetch bucket default
+
+
 def deepspeed_config(
-    cfg: StrategyConfig, micro_batch_size: int, world_size: int, precision: str
+    cfg: StrategyConfig, micro_batch_size: int, world_size: int, precision: str,
+    num_params: int | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config dict, derived from the stage's settings (write it to the run folder).
 
     `precision` is resolved ("fp32" or "bf16"). The lr is absent on purpose: the client
-    optimizer and scheduler carry it.
+    optimizer and scheduler carry it. With `num_params`, communication buckets are capped at
+    the model size: DeepSpeed's defaults (5e8 elements, 2 GB in fp32) preallocate far more
+    than a small model needs under ZeRO-3.
     """
     if micro_batch_size < 1:
         raise ValueError(f"engine/strategy.py: micro_batch_size must be >= 1, got {micro_batch_size}")
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if num_params is not None:
+        # Rounded up to 1024 elements: DeepSpeed wants buckets aligned to its padding factor.
+        model_elements = -(-max(1, num_params) // 1024) * 1024
+        zero["reduce_bucket_size"] = min(DEFAULT_BUCKET_ELEMENTS, model_elements)
+        zero["allgather_bucket_size"] = min(DEFAULT_BUCKET_ELEMENTS, model_elements)
+        if cfg.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = min(DEFAULT_PREFETCH_ELEMENTS, model_elements)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_params:
@@ -272,7 +286,9 @@ class DeepSpeedStrategy(Strategy):
         self.precision = resolve_precision(cfg.precision, self.device)
         self.grad_accum_steps = cfg.grad_accum_steps
         dist.init_distributed(env)
-        self.config = deepspeed_config(cfg, micro_batch_size, env.world_size, self.precision)
+        num_params = sum(p.numel() for p in model.parameters())
+        self.config = deepspeed_config(cfg, micro_batch_size, env.world_size, self.precision,
+                                       num_params)
         model = model.to(self.device)
         optimizer = build_optimizer(model, optimizer_cfg, is_backbone)
         scheduler = build_scheduler(optimizer, optimizer_cfg, total_steps)

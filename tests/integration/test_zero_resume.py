@@ -1,8 +1,10 @@
 """Exact resume under DeepSpeed ZeRO 1/2/3 with 2 real processes (gloo on CPU).
 
-Per stage: one uninterrupted 20-step run, and one run killed with SIGKILL after step 12 (the
-last checkpoint is step 10) then resumed to step 20. For ZeRO-3 the resumed run is also killed
-while saving step 15 (shards written, `latest` not yet), and must resume from step 10 again.
+Per stage: one uninterrupted 20-step run, and one interrupted after step 12 then resumed to
+step 20. ZeRO 2 and 3 are killed with SIGKILL (the last checkpoint is step 10); ZeRO-1 gets a
+preemption signal on rank 1 alone, and both ranks must agree to stop, save step 12 and exit.
+For ZeRO-3 the resumed run is also killed while saving step 15 (shards written, `latest` not
+yet), and must resume from step 10 again.
 Losses of every step (recomputed ones included) and final weights must equal the uninterrupted
 run's; the ZeRO-3 export must load into a plain single-process model and give its outputs.
 """
@@ -38,24 +40,26 @@ def _load_worker():
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
 
 
-def _command(run_dir: Path, zero_stage: int, *extra: str) -> list[str]:
+def _command(run_dir: Path, zero_stage: int, *extra: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", str(WORKER), "--run-dir", str(run_dir), "--zero-stage", str(zero_stage), *extra]
+            str(nproc), str(WORKER), "--run-dir", str(run_dir), "--zero-stage", str(zero_stage), *extra]
 
 
-def _launch(run_dir: Path, zero_stage: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(run_dir, zero_stage, *extra), cwd=REPO, env=_env(),
+def _launch(run_dir: Path, zero_stage: int, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(run_dir, zero_stage, *extra, nproc=nproc), cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
 
 
-def _launch_ok(run_dir: Path, zero_stage: int, *extra: str) -> str:
-    done = _launch(run_dir, zero_stage, *extra)
+def _launch_ok(run_dir: Path, zero_stage: int, *extra: str, nproc: int = 2) -> str:
+    done = _launch(run_dir, zero_stage, *extra, nproc=nproc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout + done.stderr
 
@@ -94,10 +98,15 @@ def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"zero{stage}")
     straight, interrupted = root / "straight", root / "interrupted"
     _launch_ok(straight, stage)
-    killed = _launch(interrupted, stage, "--die-at-step", "12")
-    assert killed.returncode != 0, "the worker should have been killed at step 12"
-    assert (interrupted / "latest").read_text().strip() == "step_10"
     logs = {}
+    if stage == 1:
+        logs["stop"] = _launch_ok(interrupted, stage, "--signal-rank1-at-step", "12")
+        logs["expected_resume_step"] = 12
+    else:
+        killed = _launch(interrupted, stage, "--die-at-step", "12")
+        assert killed.returncode != 0, "the worker should have been killed at step 12"
+        logs["expected_resume_step"] = 10
+    logs["latest_after_interrupt"] = (interrupted / "latest").read_text().strip()
     if stage == 3:
         _launch_and_kill_when_hanging(interrupted, stage, step=15)
         logs["after_hang"] = {
@@ -111,7 +120,16 @@ def runs(request, tmp_path_factory):
 
 def test_resume_reports_exact_resume_from_last_checkpoint(runs):
     _, _, interrupted, logs = runs
-    assert f"resumed exactly from {interrupted / 'checkpoints' / 'step_10'}" in logs["resume"]
+    step = logs["expected_resume_step"]
+    assert logs["latest_after_interrupt"] == f"step_{step}"
+    assert f"resumed exactly from {interrupted / 'checkpoints' / f'step_{step}'}" in logs["resume"]
+
+
+def test_signal_on_one_rank_stops_all_ranks_after_a_save(runs):
+    stage, _, _, logs = runs
+    if stage != 1:
+        pytest.skip("the graceful-stop scenario runs once, with ZeRO-1")
+    assert "stopped at step 12 on request" in logs["stop"]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -120,8 +138,9 @@ def test_losses_after_resume_equal_uninterrupted_run(runs, rank):
     reference = dict(_losses(straight, rank))
     assert sorted(reference) == list(range(1, 21))
     resumed = _losses(interrupted, rank)
-    # Steps 11-12 ran twice (before the kill and after the resume): both must match.
-    assert [step for step, _ in resumed].count(11) >= 2
+    # Steps 11-12 ran once per launch after the step-10 save, and every run must match.
+    launches_after_step_10 = {1: 1, 2: 2, 3: 3}[runs[0]]  # stop | kill | kill + hang in save
+    assert [step for step, _ in resumed].count(11) == launches_after_step_10
     assert {step for step, _ in resumed} == set(range(1, 21))
     for step, loss in resumed:
         assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"

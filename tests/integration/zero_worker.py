@@ -2,7 +2,8 @@
 
 Trains a small MLP with dropout (so the RNG matters) on a synthetic, resumable batch stream
 through `fit`, with the real run folder, resume order and checkpoints. Knobs to misbehave:
---die-at-step kills every rank with SIGKILL after that step; --hang-saving-step makes rank 0
+--die-at-step kills every rank with SIGKILL after that step; --signal-rank1-at-step asks for a
+graceful stop on rank 1 alone (all ranks must agree, save, and exit 0); --hang-saving-step makes rank 0
 hang inside that step's save after the shards are written and before `latest` (the test then
 kills the process group).
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint, dist
-from pipeline.engine.callbacks import Callback, PeriodicCheckpoint
+from pipeline.engine.callbacks import Callback, PeriodicCheckpoint, StopOnRequest
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.state import TrainState
@@ -87,6 +88,17 @@ class DieAtStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalOneRankAtStep(Callback):
+    """Sends SIGUSR1 to this process on one rank only, as a scheduler's preemption notice."""
+
+    def __init__(self, step: int | None, rank: int):
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, state, metrics):
+        if state.step == self.step and dist.get_rank() == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def hang_while_saving(run: checkpoint.RunFolder, step: int) -> None:
     publish = checkpoint._publish_latest
 
@@ -108,16 +120,20 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=5)
     parser.add_argument("--die-at-step", type=int)
     parser.add_argument("--hang-saving-step", type=int)
+    parser.add_argument("--signal-rank1-at-step", type=int,
+                        help="SIGUSR1 to rank 1 only after this step: a graceful stop")
+    parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (GPU)")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto")
     args = parser.parse_args()
 
     env = dist.read_dist_env()
-    dist.init_distributed(env, backend="gloo")
+    dist.init_distributed(env, backend=args.backend)
     run = checkpoint.RunFolder(args.run_dir).create()
     if args.hang_saving_step is not None:
         hang_while_saving(run, args.hang_saving_step)
     state = TrainState()
     loader = SyntheticStream(seed=7, rank=env.rank)
-    strategy_cfg = StrategyConfig(kind="deepspeed", zero_stage=args.zero_stage, precision="fp32",
+    strategy_cfg = StrategyConfig(kind="deepspeed", zero_stage=args.zero_stage, precision=args.precision,
                                   grad_clip=1.0)
     optimizer_cfg = OptimizerConfig(lr=3e-3, weight_decay=0.01, warmup_steps=3,
                                     backbone_lr_mult=0.5, schedule="cosine")
@@ -127,9 +143,12 @@ def main() -> None:
         return checkpoint.save_checkpoint(run, strategy, train_state, loader=loader,
                                           callbacks=callbacks, keep_last=2)
 
+    stop = StopOnRequest()
+    stop.install_signal_handlers([signal.SIGUSR1])
     callbacks += [PeriodicCheckpoint(save, args.save_every),
                   LossRecorder(run.root / f"losses_rank{env.rank}.jsonl"),
-                  DieAtStep(args.die_at_step)]
+                  DieAtStep(args.die_at_step),
+                  SignalOneRankAtStep(args.signal_rank1_at_step, rank=1), stop]
 
     def make_strategy(model):
         return build_strategy(strategy_cfg, model, optimizer_cfg, MICRO_BATCH, env,
@@ -147,10 +166,14 @@ def main() -> None:
         loss = nn.functional.mse_loss(strategy.module(x), y)
         return loss, {}
 
-    fit(task_step, loader, strategy, callbacks, state, args.max_steps, save=save)
+    result = fit(task_step, loader, strategy, callbacks, state, args.max_steps, save=save)
+    if result.stopped:
+        print(f"stopped at step {state.step} on request", flush=True)
+        dist.shutdown()
+        return
     export_strategy(strategy, run.export_dir, {"arch": "mlp", "zero_stage": args.zero_stage})
     strategy.eval()
-    with torch.no_grad():
+    with torch.no_grad(), strategy.autocast():
         outputs = strategy.module(probe_input().to(strategy.device)).float().cpu()
     if dist.is_main():
         torch.save(outputs, run.root / "probe_outputs.pt")
