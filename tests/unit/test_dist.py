@@ -67,3 +67,45 @@ def test_single_process_collectives_are_identities():
     assert dist.all_gather_object(7) == [7]
     dist.barrier()
     dist.shutdown()
+
+
+def _two_rank_worker(rank: int, port: int, results) -> None:
+    env = DistEnv(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port)
+    dist.init_distributed(env, backend="gloo")
+    try:
+        results.put((rank, {
+            "any": dist.any_rank(rank == 1),
+            "none": dist.any_rank(False),
+            "mean": dist.all_reduce_mean_dict({"loss": float(rank), "acc": 2.0 * rank}),
+            "broadcast": dist.broadcast_object({"from": rank}),
+            "gathered": dist.all_gather_object(rank * 10),
+            "main": dist.is_main(),
+        }))
+    finally:
+        dist.shutdown()
+
+
+@pytest.mark.dist
+def test_collectives_agree_across_two_real_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_two_rank_worker, args=(r, port, results)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    got = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for rank in (0, 1):
+        assert got[rank]["any"] is True and got[rank]["none"] is False
+        assert got[rank]["mean"] == {"loss": 0.5, "acc": 1.0}
+        assert got[rank]["broadcast"] == {"from": 0}
+        assert got[rank]["gathered"] == [0, 10]
+        assert got[rank]["main"] is (rank == 0)

@@ -113,3 +113,13 @@ def test_engine_and_single_strategy_never_import_deepspeed():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_buckets_are_capped_at_an_aligned_model_size():
+    config = deepspeed_config(StrategyConfig(zero_stage=3), 1, 2, "fp32", num_params=1000)
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1024
+    assert zero["stage3_prefetch_bucket_size"] == 1024
+    big = deepspeed_config(StrategyConfig(zero_stage=2), 1, 2, "fp32", num_params=10**10)
+    assert big["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert "stage3_prefetch_bucket_size" not in big["zero_optimization"]
