@@ -180,11 +180,14 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
             "ours_gather": lambda *a: ms_deform_attn(*a, impl="gather"),
             "ours_grid_sample": lambda *a: ms_deform_attn(*a, impl="grid_sample"),
             "ours_canvas": lambda *a: ms_deform_attn(*a, impl="canvas"),
+            "ours_triton": lambda *a: ms_deform_attn(*a, impl="triton"),
             "ours_default": ms_deform_attn,
         }
         peer = hf_attention()
         if peer is not None:
             candidates["hf"] = peer
+        if device.type != "cuda":
+            del candidates["ours_triton"]
         for name, op in candidates.items():
             def run(op=op, inputs=inputs):
                 op(*inputs).sum().backward()
@@ -192,7 +195,7 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
         if peer is None:
             entry["peer_note"] = "transformers not installed; pip install transformers to compare"
         else:
-            for name in ("ours_gather", "ours_grid_sample", "ours_canvas", "ours_default"):
+            for name in [k for k in candidates if k != "hf"]:
                 entry[f"time_ratio_{name}_over_hf"] = entry[name]["ms"] / entry["hf"]["ms"]
         result[role] = entry
     return result

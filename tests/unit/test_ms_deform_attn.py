@@ -152,3 +152,23 @@ def test_module_padding_mask_zeroes_padded_values():
     changed = memory.clone()
     changed[:, 10:] = torch.randn_like(changed[:, 10:]) * 100
     torch.testing.assert_close(attn(query, reference, memory, SHAPES, mask), attn(query, reference, changed, SHAPES, mask))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernel_matches_reference_on_gpu():
+    pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[20, 27], [10, 14], [5, 7], [3, 4]], device="cuda")
+    tokens = int(shapes.prod(1).sum())
+    value = torch.randn(2, tokens, 4, 24, generator=generator).cuda()  # D = 24: not a power of two
+    locations = (torch.rand(2, 50, 4, 4, 3, 2, generator=generator) * 1.4 - 0.2).cuda()
+    weights = torch.rand(2, 50, 4, 4, 3, generator=generator).cuda()
+    grads = {}
+    for impl in ("triton", "grid_sample"):
+        leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2], impl=impl)
+        probe = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        grads[impl] = (out, *torch.autograd.grad((out * probe).sum(), leaves))
+    for got, expected in zip(grads["triton"], grads["grid_sample"]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -1,4 +1,7 @@
-"""Custom ops of the detectors: multi-scale deformable attention."""
+"""Custom ops of the detectors: multi-scale deformable attention.
+
+The fused Triton kernel lives in ``ms_deform_attn_triton`` (imported on demand: it needs triton).
+"""
 
 from pipeline.models.ops.ms_deform_attn import (
     MSDeformAttnInputError,

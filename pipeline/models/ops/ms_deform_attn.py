@@ -101,19 +101,22 @@ def ms_deform_attn(
     """Multi-scale deformable attention sampling; see the module docstring for shapes.
 
     ``impl``: None picks a kernel registered for the device, else the faster pure PyTorch one for
-    the sizes; ``"canvas"``, ``"grid_sample"`` or ``"gather"`` force one.
+    the sizes; ``"triton"`` (fused, CUDA fp32), ``"canvas"``, ``"grid_sample"`` or ``"gather"``
+    force one.
     """
     check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     out_dtype = value.dtype
-    if impl is None and value.device.type in _KERNELS:
-        kernel = _KERNELS[value.device.type]
-    elif impl is None:
-        kernel = _pick_pure_pytorch(value, sampling_locations)
+    compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    if impl is None:
+        kernel = _default_kernel(value, sampling_locations)
+    elif impl == "triton":
+        kernel = _triton_kernel()
+        if kernel is None:
+            raise ValueError("pipeline/models/ops: impl='triton' needs CUDA tensors and the triton package")
     elif impl in _IMPLS:
         kernel = _IMPLS[impl]
     else:
-        raise ValueError(f"pipeline/models/ops: unknown impl {impl!r}; use one of {sorted(_IMPLS)}")
-    compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+        raise ValueError(f"pipeline/models/ops: unknown impl {impl!r}; use one of {sorted(_IMPLS) + ['triton']}")
     out = kernel(
         value.to(compute_dtype),
         spatial_shapes,
@@ -121,6 +124,33 @@ def ms_deform_attn(
         attention_weights.to(compute_dtype),
     )
     return out.to(out_dtype)
+
+
+def _default_kernel(value: Tensor, sampling_locations: Tensor) -> KernelFn:
+    """Registered kernel for the device, else the faster pure PyTorch implementation for the sizes.
+
+    The fused Triton kernel is opt-in (``impl="triton"`` or
+    ``register_kernel("cuda", ms_deform_attn_triton)``) until its speed has been measured on a GPU
+    with ``benchmarks/detr_step.py``; its correctness is checked by the gpu-marked test.
+    """
+    if value.device.type in _KERNELS:
+        return _KERNELS[value.device.type]
+    return _pick_pure_pytorch(value, sampling_locations)
+
+
+_TRITON: list[KernelFn | None] = []  # filled on first use: [kernel] or [None] when unavailable
+
+
+def _triton_kernel() -> KernelFn | None:
+    """The Triton kernel, imported once on first CUDA use; None without triton or CUDA."""
+    if not _TRITON:
+        try:
+            from pipeline.models.ops.ms_deform_attn_triton import ms_deform_attn_triton
+        except ImportError:  # CPU-only installs have no triton
+            _TRITON.append(None)
+        else:
+            _TRITON.append(ms_deform_attn_triton if torch.cuda.is_available() else None)
+    return _TRITON[0]
 
 
 def _pick_pure_pytorch(value: Tensor, sampling_locations: Tensor) -> KernelFn:
