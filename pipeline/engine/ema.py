@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.engine.callbacks import Callback
+
 
 @dataclass
 class EmaConfig:
@@ -67,6 +69,22 @@ class ModelEma:
         with torch.no_grad():
             for name, tensor in _floating_tensors(module):
                 tensor.copy_(self.shadow[name].to(tensor.device, tensor.dtype))
+
+
+class EmaUpdate(Callback):
+    """Updates `ema` from `module` after every optimizer step; its state rides in checkpoints."""
+
+    def __init__(self, ema: ModelEma, module: nn.Module):
+        self.ema, self.module = ema, module
+
+    def on_step_end(self, state, metrics) -> None:
+        self.ema.update(self.module)
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
 
 
 def check_supported(module: nn.Module) -> None:

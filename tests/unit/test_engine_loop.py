@@ -243,3 +243,22 @@ def test_single_process_resume_is_exact(tmp_path):
     assert dict(resumed_losses) == pytest.approx(dict(straight_losses[4:]), rel=1e-6)
     for a, b in zip(straight.module.parameters(), resumed.module.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_ema_callback_tracks_training_and_is_checkpointed(tmp_path):
+    from pipeline.engine.ema import EmaConfig, EmaUpdate, ModelEma
+
+    strategy = make_strategy(make_model())
+    ema = ModelEma(strategy.module, EmaConfig(enabled=True, decay=0.9, warmup=False))
+    start = {k: v.clone() for k, v in ema.shadow.items()}
+    callback = EmaUpdate(ema, strategy.module)
+    run = RunFolder(tmp_path)
+    state = TrainState()
+    fit(mse_step(strategy), Stream(), strategy, [callback], state, max_steps=3)
+    assert ema.updates == 3
+    assert not torch.equal(ema.shadow["0.weight"], start["0.weight"])
+    save_checkpoint(run, strategy, state, callbacks=[callback])
+    restored = EmaUpdate(ModelEma(make_model(), EmaConfig(enabled=True)), make_model())
+    resume(run, make_model(), lambda m: make_strategy(m), TrainState(), callbacks=[restored])
+    assert restored.ema.updates == 3
+    torch.testing.assert_close(restored.ema.shadow["0.weight"], ema.shadow["0.weight"])
