@@ -29,7 +29,7 @@ import yaml
 from pipeline.config import ConfigError, config_hash, to_dict
 from stages import load_stage_config
 from stages.common import read_done
-from stages.inputs import STAGE_PREFIX, data_fingerprint, export_fingerprint, export_of_stage
+from stages.inputs import STAGE_PREFIX, input_fingerprints
 
 PIPELINE_KEYS = {"name", "stages", "description"}
 STAGE_KEYS = {"name", "recipe", "overrides", "processes"}
@@ -126,12 +126,12 @@ def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], w
 
 def stage_inputs(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str, str]:
     """Fingerprints of what a stage reads: upstream exports and its data's shard index."""
-    inputs = {f"stage:{ref}": export_fingerprint(export_of_stage(workdir, pipeline.name, ref))
-              for ref in spec.depends_on}
-    data = getattr(spec.cfg, "data", None)
-    if data is not None and getattr(data, "shards", None):
-        inputs["data"] = data_fingerprint(data.shards)
-    return inputs
+    return input_fingerprints(workdir, pipeline.name, spec.depends_on, data_shards(spec.cfg))
+
+
+def data_shards(cfg: Any) -> str | None:
+    data = getattr(cfg, "data", None)
+    return getattr(data, "shards", None) if data is not None else None
 
 
 def is_up_to_date(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> bool:

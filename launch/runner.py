@@ -21,10 +21,10 @@ import configs
 from launch.graph import (
     Pipeline,
     StageSpec,
+    data_shards,
     is_up_to_date,
     load_pipeline,
     recorded_hash,
-    stage_inputs,
     stage_status,
 )
 from launch.stage_main import RESULT_FILE
@@ -93,7 +93,8 @@ def stage_spec(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run_id
     """What a stage process needs, as plain JSON (also the SLURM job's argument)."""
     return {"recipe": str(spec.recipe), "overrides": spec.overrides, "workdir": str(workdir.resolve()),
             "pipeline": pipeline.name, "stage": spec.name, "parent_run_id": parent_run_id,
-            "inputs": stage_inputs(pipeline, spec, workdir), "processes": spec.processes}
+            "depends_on": spec.depends_on, "data_shards": data_shards(spec.cfg),
+            "processes": spec.processes}
 
 
 def run_one_stage(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run_id: str | None) -> dict:
@@ -135,10 +136,33 @@ def run_target(target: str | Path, overrides: list[str], workdir: Path, force: b
         if result["status"] != "done":
             break
     failed = any(r["status"] in ("failed", "stopped") for r in rows)
+    table = write_summary(pipeline, rows, workdir)
     if parent is not None:
+        parent.log_artifact(table)
+        parent.log_artifact(table.with_suffix(".json"))
         parent.finish("FAILED" if failed else "FINISHED")
     print_summary(pipeline, rows, workdir)
     return 1 if failed else 0
+
+
+SUMMARY_METRICS = ("top1", "top5", "AP", "AP50", "APs", "APm", "APl", "PQ", "mIoU", "segm_AP")
+
+
+def write_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> Path:
+    """summary.md (a table of every stage's main numbers) + summary.json in the pipeline folder."""
+    folder = Path(workdir) / pipeline.name
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = [m for m in SUMMARY_METRICS if any(m in (r.get("metrics") or {}) for r in rows)]
+    lines = ["| stage | status | " + " | ".join(shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for row in rows:
+        metrics = row.get("metrics") or {}
+        cells = [f"{metrics[m]:.3f}" if m in metrics else "-" for m in shown]
+        lines.append(f"| {row['stage']} | {row['status']} | " + " | ".join(cells) + " |")
+    table = folder / "summary.md"
+    table.write_text("\n".join(lines) + "\n")
+    (folder / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    return table
 
 
 def _start_parent(pipeline: Pipeline, workdir: Path):

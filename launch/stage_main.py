@@ -18,6 +18,7 @@ from typing import Any
 from pipeline import dist
 from stages import load_stage_config, stage_module
 from stages.common import StageContext
+from stages.inputs import input_fingerprints
 
 RESULT_FILE = "result.json"
 
@@ -31,7 +32,9 @@ def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     stop_file = Path(job.stop_file) if job is not None else run_dir / "STOP_REQUESTED"
     ctx = StageContext(Path(spec["workdir"]), spec["pipeline"], spec["stage"],
                        parent_run_id=spec.get("parent_run_id"), stop_file=stop_file)
-    result = stage_module(kind).run(cfg, ctx, spec.get("inputs"))
+    inputs = input_fingerprints(ctx.workdir, ctx.pipeline, spec.get("depends_on") or [],
+                                spec.get("data_shards"))
+    result = stage_module(kind).run(cfg, ctx, inputs)
     record = asdict(result)
     if dist.is_main():
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))

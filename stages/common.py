@@ -182,6 +182,8 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     run = RunFolder(ctx.run_dir)
     if dist.is_main():
         run.create()
+        if ctx.stop_file is not None:  # a request of an earlier attempt, already honoured
+            Path(ctx.stop_file).unlink(missing_ok=True)
         write_resolved(cfg, run.root / "config.yaml", extra={"world_size": env.world_size,
                                                              "inputs": inputs or {}})
     dist.barrier()

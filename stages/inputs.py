@@ -76,3 +76,16 @@ def export_fingerprint(export_dir: Path) -> str:
         return "missing"
     data = json.loads(meta.read_text())
     return str(data.get("weights_sha256") or data.get("config_hash") or "unknown")
+
+
+def input_fingerprints(workdir: Path, pipeline: str, depends_on: list[str],
+                       data_shards: str | None) -> dict[str, str]:
+    """What a stage reads, fingerprinted for the stage cache: upstream exports and its data.
+
+    Computed when the stage starts (a SLURM stage is submitted before its inputs exist).
+    """
+    inputs = {f"{STAGE_PREFIX}{ref}": export_fingerprint(export_of_stage(workdir, pipeline, ref))
+              for ref in depends_on}
+    if data_shards:
+        inputs["data"] = data_fingerprint(data_shards)
+    return inputs

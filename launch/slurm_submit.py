@@ -1,0 +1,145 @@
+"""`detrforge submit / status / cancel` on SLURM: a pipeline's stages as chained submitit jobs.
+
+Every stage that is not up to date becomes one job running :class:`launch.job.StageJob` around
+``launch.stage_main:run_stage`` (the same function the local executor runs), chained with
+``afterok`` on the stage submitted before it, so the pipeline runs unattended and a failed stage
+stops its dependants (``DependencyParameters=kill_invalid_depend`` cancels them at once; without
+it they stay pending with reason DependencyNeverSatisfied). Job ids are kept in
+``<workdir>/<pipeline>/jobs.json`` for ``status`` and ``cancel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from launch.executors import ClusterConfig, load_cluster_config, make_executor
+from launch.graph import Pipeline, StageSpec, is_up_to_date
+from launch.job import StageJob
+from launch.runner import prepare_run_dir, stage_spec
+
+JOBS_FILE = "jobs.json"
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
+def stage_cluster(cluster: ClusterConfig, spec: StageSpec) -> ClusterConfig:
+    """One task per GPU on GPU clusters; on CPU-only partitions the stage's `processes`."""
+    if cluster.gpus_per_node:
+        return cluster
+    return dataclasses.replace(cluster, tasks_per_node=spec.processes)
+
+
+def _jobs_path(pipeline: Pipeline, workdir: Path) -> Path:
+    return Path(workdir) / pipeline.name / JOBS_FILE
+
+
+def read_jobs(pipeline: Pipeline, workdir: Path) -> dict[str, dict]:
+    path = _jobs_path(pipeline, workdir)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = False) -> int:
+    """Queue every stage that is not up to date, each after the previous one (afterok)."""
+    cluster = load_cluster_config(cluster_file)
+    workdir = Path(workdir).resolve()
+    parent_id = _parent_run_id(pipeline, workdir)
+    jobs = read_jobs(pipeline, workdir)
+    previous: str | None = None
+    for spec in pipeline.stages:
+        if not force and is_up_to_date(pipeline, spec, workdir):
+            print(f"  {spec.name:16s} up to date, skipped")
+            continue
+        prepare_run_dir(pipeline, spec, workdir, force)
+        run_dir = pipeline.run_dir(workdir, spec.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        executor = make_executor("slurm", Path(workdir) / pipeline.name / ".submitit" / "%j",
+                                 stage_cluster(cluster, spec), job_name=f"{pipeline.name}.{spec.name}",
+                                 dependency=f"afterok:{previous}" if previous else None)
+        job = executor.submit(StageJob("launch.stage_main:run_stage",
+                                       {"spec": stage_spec(pipeline, spec, workdir, parent_id)},
+                                       run_dir, cluster.max_requeues))
+        jobs[spec.name] = {"job_id": str(job.job_id), "submitted_at": time.time(),
+                           "log_folder": str(Path(job.paths.stderr).parent),
+                           "after": previous}
+        previous = str(job.job_id)
+        print(f"  {spec.name:16s} job {job.job_id}" + (f" (after {jobs[spec.name]['after']})"
+                                                       if jobs[spec.name]["after"] else ""))
+    _jobs_path(pipeline, workdir).parent.mkdir(parents=True, exist_ok=True)
+    _jobs_path(pipeline, workdir).write_text(json.dumps(jobs, indent=2))
+    print(f"follow with: detrforge status {pipeline.path} --workdir {workdir}")
+    return 0
+
+
+def _parent_run_id(pipeline: Pipeline, workdir: Path) -> str | None:
+    """The pipeline's MLflow run: created at submission, the stage runs become its children."""
+    from pipeline.tracking import start_parent_run
+
+    tracking = getattr(pipeline.stages[0].cfg, "tracking", None)
+    if tracking is None or not tracking.enabled:
+        return None
+    parent = start_parent_run(tracking, workdir, 0, pipeline.name, tags={"detrforge.executor": "slurm"})
+    run_id = parent.run_id
+    parent.finish("FINISHED")
+    return run_id
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (state, reason) from sacct (it also knows finished and cancelled jobs)."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,Reason", "-j",
+                          ",".join(job_ids)], capture_output=True, text=True, timeout=30)
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) >= 2:
+            states[parts[0]] = (parts[1].split()[0], parts[2] if len(parts) > 2 else "")
+    return states
+
+
+def _error_line(job: dict) -> str:
+    """The last line of a failed job's error log that says what went wrong."""
+    log = Path(job.get("log_folder", "")) / f"{job['job_id']}_0_log.err"
+    if not log.is_file():
+        return ""
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if "Error" in line or "error:" in line]
+    return lines[-1].strip()[:200] if lines else ""
+
+
+def job_states(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
+    """stage -> "job ID STATE (reason)", for `detrforge status`."""
+    jobs = read_jobs(pipeline, workdir)
+    try:
+        states = slurm_states([j["job_id"] for j in jobs.values()])
+    except (OSError, subprocess.SubprocessError):
+        states = {}
+    described = {}
+    for stage, job in jobs.items():
+        state, reason = states.get(job["job_id"], ("UNKNOWN", ""))
+        text = f"job {job['job_id']} {state}"
+        if reason and reason not in ("None", "(null)"):
+            text += f" ({reason})"
+        if state.startswith(("FAILED", "NODE_FAIL", "OUT_OF_MEMORY")):
+            text += f": {_error_line(job)}"
+        elif state == "CANCELLED" and job.get("after"):
+            text += f": its dependency job {job['after']} did not succeed"
+        described[stage] = text
+    return described
+
+
+def cancel(pipeline: Pipeline, workdir: Path) -> int:
+    """scancel every queued or running job of the pipeline."""
+    jobs = read_jobs(pipeline, workdir)
+    states = slurm_states([j["job_id"] for j in jobs.values()])
+    active = [j["job_id"] for j in jobs.values()
+              if states.get(j["job_id"], ("UNKNOWN", ""))[0] in ACTIVE_STATES]
+    if not active:
+        print(f"nothing queued or running for pipeline {pipeline.name}")
+        return 0
+    subprocess.run(["scancel", *active], check=True, timeout=30)
+    print(f"cancelled jobs {', '.join(active)}")
+    return 0
