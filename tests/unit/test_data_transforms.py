@@ -199,3 +199,31 @@ def test_collate_classification():
     batch = collate_classification([(torch.zeros(3, 4, 4), 2), (torch.ones(3, 4, 4), 5)])
     assert batch["images"].shape == (2, 3, 4, 4) and batch["labels"].tolist() == [2, 5]
     assert batch["labels"].dtype == torch.int64
+
+
+def test_segmentation_formats_decode_to_the_same_mask():
+    from pycocotools import mask as mask_utils
+
+    from pipeline.data.decoding import decode_segmentation
+
+    polygon = [[2.0, 1.0, 7.0, 1.0, 7.0, 5.0, 2.0, 5.0]]
+    from_polygon = decode_segmentation(polygon, 8, 10)
+    assert from_polygon.shape == (8, 10) and from_polygon.sum() > 0
+    compressed = mask_utils.encode(np.asfortranarray(from_polygon.astype(np.uint8)))
+    as_json = {"size": compressed["size"], "counts": compressed["counts"].decode("ascii")}
+    assert np.array_equal(decode_segmentation(as_json, 8, 10), from_polygon)
+    column_major = from_polygon.flatten(order="F").astype(int)
+    runs, value, count = [], 0, 0
+    for pixel in column_major:  # uncompressed RLE: alternating run lengths, starting with 0s
+        if pixel != value:
+            runs.append(count)
+            value, count = pixel, 0
+        count += 1
+    runs.append(count)
+    assert np.array_equal(
+        decode_segmentation({"size": [8, 10], "counts": runs}, 8, 10), from_polygon
+    )
+    assert (
+        decode_segmentation([], 8, 10).sum() == 0
+        and decode_segmentation([[1, 2]], 8, 10).sum() == 0
+    )
