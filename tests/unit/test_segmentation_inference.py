@@ -90,7 +90,9 @@ def test_instance_inference_ranks_by_class_times_mask_score():
 
 
 def test_resize_mask_logits_crops_the_padding_first():
-    logits = torch.zeros(1, 4, 4)
+    logits = torch.full((1, 4, 4), -1.0)
     logits[:, :2, :2] = 1.0  # the unpadded image is the top-left quarter of the canvas
     out = resize_mask_logits(logits, canvas_size=(8, 8), image_size=(4, 4), out_size=(2, 2))
-    assert out.shape == (1, 2, 2) and out.min() > 0.9
+    assert out.shape == (1, 2, 2) and out.min() > 0  # no padding pixel leaked in
+    uncropped = resize_mask_logits(logits, canvas_size=(8, 8), image_size=(8, 8), out_size=(2, 2))
+    assert uncropped.min() < 0
