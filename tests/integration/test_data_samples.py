@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_make_samples_small_from_the_cli(tmp_path):
-    begin = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
         [sys.executable, "-m", "launch.cli", "data", "make-samples", str(tmp_path / "samples"), "--workers", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    seconds = time.perf_counter() - begin
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert result.returncode == 0, result.stderr
-    assert seconds < 60, f"make-samples small took {seconds:.0f} s"
+    # CPU time, not wall time: the budget is "well under a minute", and a busy machine stretches
+    # wall time without the command being any slower.
+    cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu_seconds < 40, f"make-samples small used {cpu_seconds:.0f} s of CPU"
     expected = {"classify": (600, 100), "detect": (300, 40), "domain": (200, 40)}
     for set_name, (train, val) in expected.items():
         assert load_shard_info(tmp_path / "samples" / set_name / "train").num_samples == train
