@@ -24,7 +24,7 @@ OBJECTS = [
     [(1, 10, 36, 26, 58), (0, 30, 4, 58, 22), (1, 44, 40, 56, 52)],
 ]
 COLOURS = {0: (1.0, -0.5, -0.5), 1: (-0.5, -0.5, 1.0)}
-STEPS = int(os.environ.get("DETRFORGE_OVERFIT_STEPS", "300"))
+STEPS = int(os.environ.get("DETRFORGE_OVERFIT_STEPS", "200"))
 
 
 def synthetic_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict], dict]:
