@@ -9,6 +9,16 @@ extra); without it the peer rows are skipped with a note. The step is forward + 
 loss-free proxy (mean of the last layer's logits and boxes) for both models, so the matcher and
 criterion (CPU-bound Hungarian matching) do not blur the model comparison. On CUDA, times come
 from CUDA events after warm-up and memory from ``max_memory_allocated``; on CPU, wall time only.
+
+Seen once on one H100 (torch 2.11, transformers 5.17, ``--config r50``: 2 images 800x1088, 10-15
+timed steps; before the fused Triton kernel existed, so without "ours_triton"):
+
+- ms_deform_attn fwd+bwd, encoder sizes (18071 queries): ours 14.5 ms (canvas) / 15.2 ms
+  (grid_sample), HF 15.3 ms, both ~2.08 GB peak; decoder sizes (300 queries): ours 2.1 ms
+  (grid_sample), HF 2.2 ms.
+- training step fp32: ours 167 ms / 9.70 GB, HF 166 ms / 9.06 GB; bf16 autocast: ours 152 ms /
+  9.16 GB, HF 157 ms / 9.26 GB. grid_sample's backward was a third of our step's CUDA time
+  (torch profiler): the reason for the fused kernel.
 """
 
 from __future__ import annotations
