@@ -185,3 +185,17 @@ def test_export_loads_into_single_process_model_with_same_outputs(runs):
         outputs = model(worker.probe_input())
     expected = torch.load(straight / "probe_outputs.pt", weights_only=True)
     torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_everywhere_then_stops_after_saving(tmp_path):
+    """Rank 1 alone sees NaN at micro-batch 3 (dropped on both ranks), then from micro-batch 6
+    on: the guard saves step 4 and stops both ranks with a clear error instead of hanging."""
+    run_dir = tmp_path / "nan"
+    done = _launch(run_dir, 2, "--nan-rank1-at", "3", "--nan-rank1-from", "6",
+                   "--save-every", "100")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "NonFiniteLossError" in output and "3 non-finite losses in a row at step 4" in output
+    assert (run_dir / "latest").read_text().strip() == "step_4"
+    for rank in (0, 1):
+        assert [step for step, _ in _losses(run_dir, rank)] == [1, 2, 3, 4]

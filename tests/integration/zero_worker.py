@@ -3,7 +3,8 @@
 Trains a small MLP with dropout (so the RNG matters) on a synthetic, resumable batch stream
 through `fit`, with the real run folder, resume order and checkpoints. Knobs to misbehave:
 --die-at-step kills every rank with SIGKILL after that step; --signal-rank1-at-step asks for a
-graceful stop on rank 1 alone (all ranks must agree, save, and exit 0); --hang-saving-step makes rank 0
+graceful stop on rank 1 alone (all ranks must agree, save, and exit 0); --nan-rank1-at/-from
+give rank 1 alone non-finite losses; --hang-saving-step makes rank 0
 hang inside that step's save after the shards are written and before `latest` (the test then
 kills the process group).
 
@@ -24,7 +25,12 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint, dist
-from pipeline.engine.callbacks import Callback, PeriodicCheckpoint, StopOnRequest
+from pipeline.engine.callbacks import (
+    Callback,
+    NonFiniteGuard,
+    PeriodicCheckpoint,
+    StopOnRequest,
+)
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.state import TrainState
@@ -122,6 +128,8 @@ def main() -> None:
     parser.add_argument("--hang-saving-step", type=int)
     parser.add_argument("--signal-rank1-at-step", type=int,
                         help="SIGUSR1 to rank 1 only after this step: a graceful stop")
+    parser.add_argument("--nan-rank1-at", type=int, help="NaN loss on rank 1 at this micro-batch")
+    parser.add_argument("--nan-rank1-from", type=int, help="NaN loss on rank 1 from this micro-batch on")
     parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (GPU)")
     parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto")
     args = parser.parse_args()
@@ -148,7 +156,8 @@ def main() -> None:
     callbacks += [PeriodicCheckpoint(save, args.save_every),
                   LossRecorder(run.root / f"losses_rank{env.rank}.jsonl"),
                   DieAtStep(args.die_at_step),
-                  SignalOneRankAtStep(args.signal_rank1_at_step, rank=1), stop]
+                  SignalOneRankAtStep(args.signal_rank1_at_step, rank=1), stop,
+                  NonFiniteGuard(max_consecutive=3, save=save)]
 
     def make_strategy(model):
         return build_strategy(strategy_cfg, model, optimizer_cfg, MICRO_BATCH, env,
@@ -164,6 +173,11 @@ def main() -> None:
     def task_step(batch):
         x, y = (t.to(strategy.device) for t in batch)
         loss = nn.functional.mse_loss(strategy.module(x), y)
+        micro = state.micro_batches  # 1-based, counted before the call
+        nan_from = args.nan_rank1_from
+        nan_now = micro == args.nan_rank1_at or (nan_from is not None and micro >= nan_from)
+        if env.rank == 1 and nan_now:
+            loss = loss * float("nan")
         return loss, {}
 
     result = fit(task_step, loader, strategy, callbacks, state, args.max_steps, save=save)
