@@ -1,0 +1,195 @@
+"""Universal segmenter: a Deformable DETR whose every decoder query also predicts a mask.
+
+mask logits = (per-query mask embedding) . (per-pixel embedding), as MaskFormer / Mask2Former:
+
+- a pixel decoder turns the encoder memory of the finest level (stride 8) and the backbone's
+  stride-4 map into per-pixel embeddings (B, D, H/4, W/4) (FPN style: lateral 1x1 conv + upsampled
+  coarser map, 3x3 conv, GroupNorm, ReLU), or (B, D, H/8, W/8) with ``pixel_stride=8``;
+- an MLP maps each decoder layer's query states (B, Q, C) to mask embeddings (B, Q, D);
+- "pred_masks" (B, Q, h, w) = einsum, for the last layer and in every "aux_outputs" entry.
+
+Masks cover the padded batch canvas (as the targets after ``pipeline.losses.masks.pad_masks``).
+The detector part keeps the parameter names of ``pipeline/models/detr.py`` (``backbone.body``,
+``transformer``, ``class_embed``...), so a DETR export loads into it with only the new
+``pixel_decoder.*`` and ``mask_embed.*`` keys reported missing. Masked attention in the decoder
+(Mask2Former) is not implemented: the decoder attends to the whole image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.backbone import BackboneConfig, build_backbone
+from pipeline.models.deformable_transformer import inverse_sigmoid
+from pipeline.models.detr import (
+    MLP,
+    DeformableDETR,
+    DetectorConfig,
+    collect_outputs,
+    feature_masks,
+    group_norm,
+)
+
+PIXEL_STRIDES = (4, 8)
+
+
+@dataclass
+class MaskHeadConfig:
+    """Pixel decoder and mask embedding sizes."""
+
+    mask_dim: int = 256  # channels of per-pixel and per-query mask embeddings (Mask2Former: 256)
+    pixel_stride: int = 4  # stride of the mask logits: 4 (backbone stride-4 lateral) or 8 (memory only)
+    mask_embed_layers: int = 3  # layers of the query -> mask embedding MLP
+
+    def __post_init__(self) -> None:
+        if self.mask_dim < 1:
+            raise ValueError(f"MaskHeadConfig.mask_dim must be >= 1, got {self.mask_dim}")
+        if self.pixel_stride not in PIXEL_STRIDES:
+            raise ValueError(f"MaskHeadConfig.pixel_stride must be one of {PIXEL_STRIDES}, got {self.pixel_stride}")
+        if self.mask_embed_layers < 1:
+            raise ValueError(f"MaskHeadConfig.mask_embed_layers must be >= 1, got {self.mask_embed_layers}")
+
+
+@dataclass
+class SegmenterConfig:
+    """A Deformable DETR detector plus the mask head."""
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # kind must be "deformable"
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # pixel decoder, mask embeddings
+
+    def __post_init__(self) -> None:
+        if isinstance(self.detector, dict):
+            self.detector = DetectorConfig(**self.detector)
+        if isinstance(self.mask_head, dict):
+            self.mask_head = MaskHeadConfig(**self.mask_head)
+        if self.detector.kind != "deformable":
+            raise ValueError("SegmenterConfig.detector.kind must be 'deformable' (the pixel decoder reads "
+                             f"the multi-scale encoder memory), got {self.detector.kind!r}")
+        strides = self.detector.backbone.out_strides
+        if strides[0] != 8:
+            raise ValueError("SegmenterConfig: detector.backbone.out_strides must start at 8 (the pixel "
+                             f"decoder's finest memory level), got {strides}")
+
+
+class PixelDecoder(nn.Module):
+    """Finest encoder level (B, C, H/8, W/8) [+ backbone (B, C4, H/4, W/4)] -> (B, D, h, w)."""
+
+    def __init__(self, d_model: int, mask_dim: int, high_res_channels: int | None):
+        super().__init__()
+        self.lateral: nn.Module | None = None
+        if high_res_channels is not None:
+            self.lateral = nn.Sequential(nn.Conv2d(high_res_channels, d_model, 1, bias=False), group_norm(d_model))
+        self.output_conv = nn.Sequential(
+            nn.Conv2d(d_model, d_model, 3, padding=1, bias=False), group_norm(d_model), nn.ReLU()
+        )
+        self.mask_features = nn.Conv2d(d_model, mask_dim, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_uniform_(module.weight, a=1)  # c2_xavier_fill, as detectron2's FPN
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+    def forward(self, finest: Tensor, high_res: Tensor | None) -> Tensor:
+        if self.lateral is not None and high_res is not None:
+            up = F.interpolate(finest, size=high_res.shape[-2:], mode="bilinear", align_corners=False)
+            finest = self.lateral(high_res) + up
+        return self.mask_features(self.output_conv(finest))
+
+
+def memory_levels(memory: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Flattened (B, S, C) encoder memory -> one (B, C, h_l, w_l) map per level."""
+    sizes = [h * w for h, w in shapes]
+    return [
+        level.transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
+        for level, (h, w) in zip(memory.split(sizes, dim=1), shapes)
+    ]
+
+
+class DeformableSegmenter(DeformableDETR):
+    """Deformable DETR + pixel decoder + per-query mask embeddings (see the module docstring).
+
+    The backbone returns one map more than the detector uses (stride 4, first) when
+    ``pixel_stride=4``; the detector's input projections see the other maps only.
+    """
+
+    def __init__(self, cfg: SegmenterConfig, backbone):
+        super().__init__(cfg.detector, backbone)
+        self.segmenter_cfg = cfg
+        det, head = cfg.detector, cfg.mask_head
+        self.uses_high_res = head.pixel_stride == 4
+        channels = list(backbone.num_channels)
+        high_res_channels = channels.pop(0) if self.uses_high_res else None
+        # The parent built projections for every backbone map: rebuild them for the detector's maps.
+        self.input_proj = self._input_projections(channels, det.hidden_dim, det.num_feature_levels)
+        self.pixel_decoder = PixelDecoder(det.hidden_dim, head.mask_dim, high_res_channels)
+        self.mask_embed = MLP(det.hidden_dim, det.hidden_dim, head.mask_dim, head.mask_embed_layers)
+
+    def multi_scale_inputs(self, images: Tensor, padding_mask: Tensor):
+        """-> (srcs, masks, pos) of the detector's levels and the (B, C4, H/4, W/4) map or None."""
+        features = self.backbone(images)
+        high_res = features.pop(0) if self.uses_high_res else None
+        srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
+        for level in range(len(features), len(self.input_proj)):
+            srcs.append(self.input_proj[level](features[-1] if level == len(features) else srcs[-1]))
+        masks = feature_masks(padding_mask, srcs)
+        pos = [self.position(mask).to(src.dtype) for mask, src in zip(masks, srcs)]
+        return (srcs, masks, pos), high_res
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> dict:
+        """images (B, 3, H, W), padding_mask (B, H, W) -> the detector dict + "pred_masks"
+        (B, Q, ceil(H / s), ceil(W / s)) mask logits, s = pixel_stride, also in "aux_outputs"."""
+        (srcs, masks, pos), high_res = self.multi_scale_inputs(images, padding_mask)
+        query_embed = None if self.cfg.two_stage else self.query_embed.weight
+        captured: list[Tensor] = []
+        handle = self.transformer.encoder.register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            out = self.transformer(
+                srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine
+            )
+        finally:
+            handle.remove()
+        out["memory"] = captured[0]
+        outputs = self.detection_outputs(out)
+        finest = memory_levels(out["memory"], [tuple(s.shape[-2:]) for s in srcs])[0]
+        pixels = self.pixel_decoder(finest, high_res)  # (B, D, h, w)
+        layers = out["hidden"] if self.cfg.aux_loss else out["hidden"][-1:]
+        layer_masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(layers), pixels)
+        outputs["pred_masks"] = layer_masks[-1]
+        for aux, masks_of_layer in zip(outputs["aux_outputs"], layer_masks[:-1]):
+            aux["pred_masks"] = masks_of_layer
+        return outputs
+
+    def detection_outputs(self, out: dict) -> dict:
+        """The transformer's per-layer states -> the detector dict (as DeformableDETR.forward)."""
+        logits, boxes = [], []
+        for layer, hidden in enumerate(out["hidden"]):
+            reference = inverse_sigmoid(out["references"][layer])
+            delta = self.bbox_embed[layer](hidden)
+            if reference.shape[-1] == 4:
+                delta = delta + reference
+            else:
+                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            logits.append(self.class_embed[layer](hidden))
+            boxes.append(delta.sigmoid())
+        outputs = collect_outputs(torch.stack(logits), torch.stack(boxes), self.cfg.aux_loss)
+        if self.cfg.two_stage:
+            outputs["enc_outputs"] = {"pred_logits": out["enc_class"], "pred_boxes": out["enc_coord_unact"].sigmoid()}
+        return outputs
+
+
+def segmenter_backbone_config(cfg: SegmenterConfig) -> BackboneConfig:
+    """The detector's backbone config with the stride-4 map added when the pixel decoder needs it."""
+    backbone = cfg.detector.backbone
+    if cfg.mask_head.pixel_stride == 4:
+        return dataclasses.replace(backbone, out_strides=[4, *backbone.out_strides])
+    return backbone
+
+
+def build_segmenter(cfg: SegmenterConfig) -> DeformableSegmenter:
+    """The segmenter for ``cfg`` (backbone weights from ``cfg.detector.backbone.weights`` if set)."""
+    return DeformableSegmenter(cfg, build_backbone(segmenter_backbone_config(cfg)))

@@ -1,0 +1,92 @@
+"""Stage: a detector fine-tuned to a universal segmenter (instance, semantic and panoptic).
+
+The Deformable DETR export of the detection stage (``init_from``) is loaded partially: the pixel
+decoder and the mask embedding are new and reported missing; the class head, which grows from
+the thing classes to things + stuff, is reported shape-mismatched and starts fresh. Evaluation
+gives COCO segm AP (things), PQ / SQ / RQ (all, things, stuff) and mIoU; the main metric is PQ.
+Pictures of predicted segments on validation images go to ``<run_dir>/artifacts/segmentation/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.data.detection import DetectionDataConfig
+from pipeline.data.shards import load_shard_info
+from pipeline.engine.optim import OptimizerConfig
+from pipeline.engine.strategy import StrategyConfig
+from pipeline.losses.masks import MaskLossConfig
+from pipeline.losses.set_criterion import CriterionConfig, build_criterion
+from pipeline.models.mask_head import SegmenterConfig, build_segmenter
+from pipeline.tracking import TrackingConfig
+from stages.common import StageContext, StageParts, StageResult, TrainConfig, train_stage
+from stages.inputs import data_fingerprint, resolve_init
+from stages.segmentation_common import (
+    SegmentationEvalConfig,
+    build_segmentation_loader,
+    load_panoptic_view,
+    segmentation_evaluate,
+    segmentation_task_step,
+)
+
+
+def _default_criterion() -> CriterionConfig:
+    return CriterionConfig(masks=MaskLossConfig())
+
+
+@dataclass
+class Config:
+    """Segmentation fine-tuning recipe."""
+
+    data: DetectionDataConfig  # detection shards with instance masks (with_masks is forced on)
+    model: SegmenterConfig = field(default_factory=SegmenterConfig)  # detector + mask head (classes from data)
+    criterion: CriterionConfig = field(default_factory=_default_criterion)  # matching, box and mask losses
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW + schedule
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)  # ZeRO stage, precision
+    train: TrainConfig = field(default_factory=TrainConfig)  # steps, rhythm, processes
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    eval: SegmentationEvalConfig = field(default_factory=SegmentationEvalConfig)  # segm AP, PQ, mIoU
+    panoptic_annotations: str | None = None  # folder of panoptic_<split>.json + PNGs; None = <shards>/annotations
+    init_from: str | None = None  # detector (or segmenter) export: path, stage:<name>, models:/...
+
+    def __post_init__(self) -> None:
+        if self.criterion.masks is None:
+            raise ValueError("criterion.masks must be set for segmentation (a MaskLossConfig mapping)")
+
+
+def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
+    """Loaders (things + stuff), segmenter (class count from the data), criterion, step, evaluation."""
+    data = dataclasses.replace(cfg.data, with_masks=True)
+    annotations = Path(cfg.panoptic_annotations or Path(data.shards) / "annotations")
+    things = load_shard_info(Path(data.shards) / "train").categories
+    train_view = load_panoptic_view(annotations, "train", things)
+    val_view = load_panoptic_view(annotations, "val", things)
+    train_loader = build_segmentation_loader(data, "train", train_view, env.rank, env.world_size, cfg.train.seed)
+    val_loader = build_segmentation_loader(data, "val", None, env.rank, env.world_size)
+    num_classes = len(train_view.categories)
+    detector = dataclasses.replace(cfg.model.detector, num_classes=num_classes)
+    model_cfg = dataclasses.replace(cfg.model, detector=detector)
+    criterion = build_criterion(cfg.criterion, num_classes)
+    instances = load_shard_info(Path(data.shards) / "val").annotation_path
+    return StageParts(
+        model=build_segmenter(model_cfg), loader=train_loader,
+        task_step=segmentation_task_step(criterion, cfg.criterion.weights.as_dict(),
+                                         detector.backbone.freeze_steps),
+        evaluate=segmentation_evaluate(val_loader, val_view, instances, cfg.criterion.matcher.focal, cfg.eval,
+                                       ctx.run_dir / "artifacts" / "segmentation"),
+        micro_batch_size=data.batch_size, main_metric="PQ",
+        images_per_step=data.batch_size * env.world_size,
+        meta={"kind": "segmenter", "segmenter": dataclasses.asdict(model_cfg),
+              "class_names": [str(c.get("name", c["id"])) for c in train_view.categories],
+              "categories": list(train_view.categories), "data_fingerprint": data_fingerprint(data.shards)},
+        is_backbone=lambda name: name.startswith("backbone."),
+        init_from=resolve_init(cfg.init_from, ctx),
+    )
+
+
+def run(cfg: Config, ctx: StageContext, inputs: dict[str, str] | None = None) -> StageResult:
+    """Fine-tune the segmenter, evaluate segm AP, PQ and mIoU on the val split, export."""
+    return train_stage(ctx, cfg, cfg.train, cfg.optim, cfg.strategy, cfg.tracking,
+                       lambda env: segmentation_parts(cfg, ctx, env), inputs)
