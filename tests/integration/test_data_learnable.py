@@ -65,4 +65,4 @@ def test_classify_samples_need_shape_and_texture(tmp_path):
         counts += torch.bincount(batch["labels"], minlength=12)
     means = sums / counts[:, None]
     colour = _accuracy(lambda images: torch.cdist(images.mean((2, 3)), means).argmin(1), val)
-    assert cnn > 0.25 and colour < 0.2, (cnn, colour)
+    assert cnn > 0.2 and colour < 0.15, (cnn, colour)  # chance is 1/12 = 0.083
