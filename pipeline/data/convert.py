@@ -69,7 +69,8 @@ class ConversionSummary:
 def _image_bytes(path: Path) -> tuple[bytes, tuple[int, int]]:
     """JPEG bytes of an image file and its (width, height); non-JPEG or non-RGB is re-encoded.
 
-    Raises SkippedReason-like OSError for files PIL cannot decode completely.
+    Decodes the whole image, so a corrupt or truncated file raises here (OSError and kin),
+    during conversion, rather than in the middle of a training run.
     """
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as img:

@@ -222,9 +222,9 @@ def _make_set(
             raw, root / split, spec.shard_size, workers, split=split, progress=progress
         )
     raw.mkdir(parents=True, exist_ok=True)
-    (root / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
-    if set_name != "detect":
-        (root / "annotations" / f"panoptic_{split}").rmdir()
+    (root / "annotations").mkdir(exist_ok=True)
+    if set_name == "detect":
+        (root / "annotations" / f"panoptic_{split}").mkdir()
     results = _map(
         _scene_image, [(set_name, raw, seed, split, i, spec.side) for i in range(count)], workers
     )
