@@ -161,12 +161,25 @@ def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, tracker
 
 
 def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int) -> dict[str, float]:
+    _share_rank0_buffers(strategy.module)
     strategy.eval()
     with torch.no_grad():
         metrics = parts.evaluate(strategy)
     strategy.train()
     tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
     return metrics
+
+
+def _share_rank0_buffers(module: nn.Module) -> None:
+    """Every rank evaluates with rank 0's buffers (BatchNorm statistics), the ones exported.
+
+    Each rank updates its running statistics from its own batches, and a checkpoint keeps rank
+    0's only, so after a resume the other ranks' statistics differ from an uninterrupted run's:
+    their share of the evaluation would then differ too.
+    """
+    if dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: OptimizerConfig,
