@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -47,8 +48,14 @@ def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = 
     workdir = Path(workdir).resolve()
     parent_id = _parent_run_id(pipeline, workdir)
     jobs = read_jobs(pipeline, workdir)
+    active = _active_jobs(jobs)
     previous: str | None = None
     for spec in pipeline.stages:
+        if spec.name in active:
+            # A second job would write the same run folder; chain the next stages after it.
+            previous = active[spec.name]
+            print(f"  {spec.name:16s} already queued or running as job {previous}, kept")
+            continue
         if not force and is_up_to_date(pipeline, spec, workdir):
             print(f"  {spec.name:16s} up to date, skipped")
             continue
@@ -71,6 +78,15 @@ def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = 
     _jobs_path(pipeline, workdir).write_text(json.dumps(jobs, indent=2))
     print(f"follow with: detrforge status {pipeline.path} --workdir {workdir}")
     return 0
+
+
+def _active_jobs(jobs: dict[str, dict]) -> dict[str, str]:
+    """stage -> job id of the recorded jobs that SLURM still queues or runs."""
+    if not jobs:
+        return {}
+    states = slurm_states([job["job_id"] for job in jobs.values()])
+    return {stage: job["job_id"] for stage, job in jobs.items()
+            if states.get(job["job_id"], ("UNKNOWN", ""))[0] in ACTIVE_STATES}
 
 
 def _parent_run_id(pipeline: Pipeline, workdir: Path) -> str | None:
@@ -100,14 +116,28 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return states
 
 
+def squeue_reasons(job_ids: list[str]) -> dict[str, str]:
+    """job id -> reason from squeue, which names why a dependant was cancelled
+    (DependencyNeverSatisfied) where sacct only says "Dependency"; it forgets finished jobs
+    after MinJobAge (300 s by default)."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%r", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=30)
+    return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
+
+
 def _error_line(job: dict) -> str:
-    """The last line of a failed job's error log that says what went wrong."""
-    log = Path(job.get("log_folder", "")) / f"{job['job_id']}_0_log.err"
-    if not log.is_file():
-        return ""
-    lines = [line for line in log.read_text(errors="replace").splitlines()
-             if "Error" in line or "error:" in line]
-    return lines[-1].strip()[:200] if lines else ""
+    """What went wrong in a failed job: the exception its traceback ends with (any rank), else
+    the last line that mentions an error."""
+    logs = sorted(Path(job.get("log_folder", "")).glob(f"{job['job_id']}_*_log.err"))
+    lines = [line.strip() for log in logs for line in log.read_text(errors="replace").splitlines()]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    errors = exceptions or [line for line in lines if "Error" in line or "error:" in line]
+    return errors[-1][:300] if errors else ""
 
 
 def job_states(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
@@ -115,13 +145,16 @@ def job_states(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
     jobs = read_jobs(pipeline, workdir)
     try:
         states = slurm_states([j["job_id"] for j in jobs.values()])
+        reasons = squeue_reasons([j["job_id"] for j in jobs.values()])
     except (OSError, subprocess.SubprocessError):
-        states = {}
+        states, reasons = {}, {}
     described = {}
     for stage, job in jobs.items():
         state, reason = states.get(job["job_id"], ("UNKNOWN", ""))
+        reason = reasons.get(job["job_id"]) or reason
         text = f"job {job['job_id']} {state}"
-        if reason and reason not in ("None", "(null)"):
+        # sacct keeps the last pending reason ("Dependency") of a job that ran since.
+        if reason and reason not in ("None", "(null)") and state in ("PENDING", "CANCELLED"):
             text += f" ({reason})"
         if state.startswith(("FAILED", "NODE_FAIL", "OUT_OF_MEMORY")):
             text += f": {_error_line(job)}"

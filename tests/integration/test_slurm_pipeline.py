@@ -1,0 +1,247 @@
+"""`detrforge submit / status / cancel` on the real local SLURM cluster, through the real CLI.
+
+Start the cluster with `launch/slurm/cluster.sh up`. Skipped, with the reason, only when `sinfo`
+cannot reach a cluster (found through SLURM_CONF, else cluster.sh's default state folder).
+
+One module fixture submits two pipelines at once, so their jobs overlap: "tinypipe" (backbone on
+2 DeepSpeed ranks -> detr -> domain) runs untouched; "requeued" is the same backbone stage alone,
+which `scontrol requeue` interrupts once it has saved a checkpoint. The untouched backbone is the
+reference the resumed one must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = REPO / "configs" / "stages"
+CLUSTER_FILE = REPO / "configs" / "clusters" / "local.yaml"
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+FAST = ["train.progress_bar=false", "train.log_every=1"]
+BACKBONE = ["model.name=resnet10t", "data.image_size=32", "data.batch_size=8",
+            "data.num_workers=0", "data.shuffle_buffer=16", "strategy.kind=deepspeed",
+            "strategy.zero_stage=2", "train.max_steps=40", "train.checkpoint_every=5", *FAST]
+DETR = ["model.num_queries=10", "model.hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1",
+        "model.dim_feedforward=64", "model.backbone.name=resnet10t", "data.train_scales=[64]",
+        "data.eval_size=64", "data.max_size=96", "data.batch_size=2", "data.num_workers=0",
+        "data.shuffle_buffer=16", "eval.pictures=1", "train.max_steps=3",
+        "train.checkpoint_every=2", *FAST]
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+def _default_slurm_conf() -> Path:
+    home = os.environ.get("DETRFORGE_SLURM_HOME") or REPO / ".cache" / "slurm"
+    return Path(home) / "etc" / "slurm.conf"
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict[str, str]:
+    """The environment of `detrforge` commands: SLURM_CONF of the running local cluster."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if "SLURM_CONF" not in env and _default_slurm_conf().exists():
+        env["SLURM_CONF"] = str(_default_slurm_conf())
+    if shutil.which("sinfo") is None:
+        pytest.skip("local SLURM cluster is not up: no `sinfo` (run launch/slurm/cluster.sh up)")
+    conf = env.get("SLURM_CONF")
+    if conf and not Path(conf).exists():  # sinfo would retry for a minute
+        pytest.skip(f"local SLURM cluster is not up: SLURM_CONF={conf} does not exist "
+                    "(run launch/slurm/cluster.sh up)")
+    try:
+        probe = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], env=env,
+                               capture_output=True, text=True, timeout=15)
+        failure = probe.stderr.strip() if probe.returncode else ""
+    except subprocess.TimeoutExpired:
+        failure = "no answer within 15 s"
+    if failure:
+        pytest.skip(f"local SLURM cluster is not up: sinfo failed ({failure}); "
+                    "run launch/slurm/cluster.sh up")
+    return env
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    from pipeline.data.samples import make_samples
+
+    out = tmp_path_factory.mktemp("samples")
+    make_samples(out, size="tiny", seed=0)
+    return out
+
+
+def stage(name: str, recipe: str, overrides: list[str], processes: int | None = None) -> dict:
+    entry = {"name": name, "recipe": str(STAGES / recipe), "overrides": overrides}
+    if processes:
+        entry["processes"] = processes
+    return entry
+
+
+def backbone_stage(samples: Path) -> dict:
+    return stage("backbone", "backbone_pretrain/tiny.yaml",
+                 [f"data.shards={samples}/classify", *BACKBONE], processes=2)
+
+
+def detr_stage(samples: Path, shards: Path | None = None, name: str = "detr") -> dict:
+    return stage(name, "detr_pretrain/tiny.yaml",
+                 [f"data.shards={shards or samples / 'detect'}", "backbone_init=stage:backbone",
+                  *DETR])
+
+
+def write_pipeline(path: Path, name: str, stages: list[dict]) -> Path:
+    path.write_text(json.dumps({"name": name, "stages": stages}))  # JSON is YAML
+    return path
+
+
+def detrforge(env: dict, *args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "detrforge"
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0, f"detrforge {args[0]}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done
+
+
+def submit(env: dict, pipeline_file: Path, workdir: Path) -> dict[str, str]:
+    """stage -> job id of `detrforge submit`."""
+    detrforge(env, "submit", str(pipeline_file), "--cluster", str(CLUSTER_FILE),
+              "--workdir", str(workdir))
+    name = json.loads(pipeline_file.read_text())["name"]
+    jobs = json.loads((workdir / name / "jobs.json").read_text())
+    return {stage_name: job["job_id"] for stage_name, job in jobs.items()}
+
+
+def sacct_states(env: dict, job_ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                         env=env, capture_output=True, text=True, timeout=30).stdout
+    return {line.split("|")[0]: line.split("|")[1].split()[0]
+            for line in out.splitlines() if "|" in line}
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def wait_final(env: dict, jobs: dict[str, str], timeout_s: float) -> dict[str, str]:
+    """stage -> final SLURM state, once every job has one."""
+    states: dict[str, str] = {}
+
+    def all_final() -> bool:
+        states.update(sacct_states(env, list(jobs.values())))
+        return all(states.get(job_id) in FINAL_STATES for job_id in jobs.values())
+
+    wait_for(all_final, timeout_s, f"jobs {jobs} to end (last states {states})")
+    return {stage_name: states[job_id] for stage_name, job_id in jobs.items()}
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train/loss) of every logged step, in the order logged (a resumed run repeats some)."""
+    rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["metrics"]["train/loss"]) for row in rows
+            if "train/loss" in row["metrics"]]
+
+
+@pytest.fixture(scope="module")
+def submitted(slurm_env, samples, tmp_path_factory) -> dict:
+    """Both pipelines submitted together; "requeued" is requeued once it has a checkpoint."""
+    root = tmp_path_factory.mktemp("submitted")
+    full = write_pipeline(root / "tinypipe.yaml", "tinypipe",
+                          [backbone_stage(samples), detr_stage(samples)])
+    alone = write_pipeline(root / "requeued.yaml", "requeued", [backbone_stage(samples)])
+    full_jobs = submit(slurm_env, full, root / "full")
+    requeued_jobs = submit(slurm_env, alone, root / "alone")
+    run_dir = root / "alone" / "requeued" / "backbone"
+    wait_for(lambda: (run_dir / "latest").exists(), 300, "the first checkpoint of the requeued stage")
+    subprocess.run(["scontrol", "requeue", requeued_jobs["backbone"]], env=slurm_env, check=True,
+                   timeout=30)
+    states = wait_final(slurm_env, {**full_jobs, "requeued": requeued_jobs["backbone"]}, 600)
+    return {"full": (full, root / "full", full_jobs), "requeued": (alone, root / "alone", run_dir),
+            "states": states}
+
+
+def test_submitted_pipeline_runs_every_stage_with_two_ranks_for_one(slurm_env, submitted):
+    pipeline_file, workdir, jobs = submitted["full"]
+    assert {name: submitted["states"][name] for name in jobs} == {"backbone": "COMPLETED",
+                                                                  "detr": "COMPLETED"}
+    for name in jobs:
+        done = json.loads((workdir / "tinypipe" / name / "DONE.json").read_text())
+        assert done["stage"] == name and done["model_version"] == 1
+    backbone_config = (workdir / "tinypipe" / "backbone" / "config.yaml").read_text()
+    assert "world_size: 2" in backbone_config  # one SLURM job, two DeepSpeed ranks
+    status = detrforge(slurm_env, "status", str(pipeline_file), "--workdir", str(workdir)).stdout
+    for name, job_id in jobs.items():
+        line = next(line for line in status.splitlines() if line.strip().startswith(name))
+        assert " done " in line and f"job {job_id} COMPLETED" in line, status
+
+
+def test_requeued_stage_resumes_and_ends_like_an_uninterrupted_run(submitted):
+    assert submitted["states"]["requeued"] == "COMPLETED"
+    _, _, run_dir = submitted["requeued"]
+    _, workdir, _ = submitted["full"]
+    reference_dir = workdir / "tinypipe" / "backbone"
+    assert json.loads((run_dir / "result.json").read_text())["start"] == "resume"
+    resumed = train_losses(run_dir)
+    steps = [step for step, _ in resumed]
+    assert len(steps) > len(set(steps)), "no step was trained twice: the requeue came too late"
+    reference = dict(train_losses(reference_dir))
+    for step, loss in resumed:  # the steps trained before and after the requeue alike
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
+    done = json.loads((run_dir / "DONE.json").read_text())
+    reference_done = json.loads((reference_dir / "DONE.json").read_text())
+    assert done["metrics"] == pytest.approx(reference_done["metrics"], rel=1e-6, abs=1e-9)
+
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    reference_weights = load_file(reference_dir / "export" / "model.safetensors")
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in weights.items():
+        assert (tensor.double() - reference_weights[name].double()).abs().max() <= 1e-6, name
+
+
+def test_failing_stage_cancels_its_dependants_and_status_says_why(slurm_env, samples, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failing = stage("backbone", "backbone_pretrain/tiny.yaml",
+                    [f"data.shards={empty}", "model.name=resnet10t", "data.num_workers=0",
+                     "train.max_steps=2", *FAST])
+    pipeline_file = write_pipeline(tmp_path / "failing.yaml", "failing",
+                                   [failing, detr_stage(samples)])
+    jobs = submit(slurm_env, pipeline_file, tmp_path / "work")
+    assert wait_final(slurm_env, jobs, 300) == {"backbone": "FAILED", "detr": "CANCELLED"}
+    reason = subprocess.run(["squeue", "-h", "-t", "all", "-j", jobs["detr"], "-o", "%r"],
+                            env=slurm_env, capture_output=True, text=True).stdout.strip()
+    assert reason in ("", "DependencyNeverSatisfied")  # squeue forgets finished jobs after a while
+    status = detrforge(slurm_env, "status", str(pipeline_file), "--workdir",
+                       str(tmp_path / "work")).stdout
+    lines = {line.split()[0]: line for line in status.splitlines()[1:]}
+    assert f"job {jobs['backbone']} FAILED" in lines["backbone"]
+    assert str(empty) in lines["backbone"], status  # the failed stage's error names the folder
+    assert f"job {jobs['detr']} CANCELLED" in lines["detr"]
+    assert "DependencyNeverSatisfied" in lines["detr"] and jobs["backbone"] in lines["detr"], status
+    assert not (tmp_path / "work" / "failing" / "detr" / "DONE.json").exists()
+
+
+def test_cancel_cancels_every_queued_stage(slurm_env, samples, tmp_path):
+    pipeline_file = write_pipeline(tmp_path / "cancelled.yaml", "cancelled",
+                                   [backbone_stage(samples), detr_stage(samples)])
+    workdir = tmp_path / "work"
+    jobs = submit(slurm_env, pipeline_file, workdir)
+    cancelled = detrforge(slurm_env, "cancel", str(pipeline_file), "--workdir", str(workdir)).stdout
+    assert all(job_id in cancelled for job_id in jobs.values()), cancelled
+    assert wait_final(slurm_env, jobs, 120) == {"backbone": "CANCELLED", "detr": "CANCELLED"}
+    status = detrforge(slurm_env, "status", str(pipeline_file), "--workdir", str(workdir)).stdout
+    assert all(f"job {job_id} CANCELLED" in status for job_id in jobs.values()), status
+    again = detrforge(slurm_env, "cancel", str(pipeline_file), "--workdir", str(workdir)).stdout
+    assert "nothing queued or running" in again
