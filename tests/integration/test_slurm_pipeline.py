@@ -125,12 +125,12 @@ def sacct_states(env: dict, job_ids: list[str]) -> dict[str, str]:
             for line in out.splitlines() if "|" in line}
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(poll_s)
 
 
 def wait_final(env: dict, jobs: dict[str, str], timeout_s: float) -> dict[str, str]:
@@ -141,7 +141,7 @@ def wait_final(env: dict, jobs: dict[str, str], timeout_s: float) -> dict[str, s
         states.update(sacct_states(env, list(jobs.values())))
         return all(states.get(job_id) in FINAL_STATES for job_id in jobs.values())
 
-    wait_for(all_final, timeout_s, f"jobs {jobs} to end (last states {states})")
+    wait_for(all_final, timeout_s, f"jobs {jobs} to end (last states {states})", poll_s=1.0)
     return {stage_name: states[job_id] for stage_name, job_id in jobs.items()}
 
 
@@ -233,11 +233,12 @@ def test_failing_stage_cancels_its_dependants_and_status_says_why(slurm_env, sam
     assert not (tmp_path / "work" / "failing" / "detr" / "DONE.json").exists()
 
 
-def test_cancel_cancels_every_queued_stage(slurm_env, samples, tmp_path):
+def test_second_submit_keeps_queued_jobs_and_cancel_cancels_them(slurm_env, samples, tmp_path):
     pipeline_file = write_pipeline(tmp_path / "cancelled.yaml", "cancelled",
                                    [backbone_stage(samples), detr_stage(samples)])
     workdir = tmp_path / "work"
     jobs = submit(slurm_env, pipeline_file, workdir)
+    assert submit(slurm_env, pipeline_file, workdir) == jobs  # queued stages are not queued twice
     cancelled = detrforge(slurm_env, "cancel", str(pipeline_file), "--workdir", str(workdir)).stdout
     assert all(job_id in cancelled for job_id in jobs.values()), cancelled
     assert wait_final(slurm_env, jobs, 120) == {"backbone": "CANCELLED", "detr": "CANCELLED"}
