@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch.executors import ClusterConfig, load_cluster_config, make_executor
+from launch.executors import ClusterConfig, ExecutorError, load_cluster_config, make_executor
 from launch.graph import Pipeline, StageSpec, is_up_to_date
 from launch.job import StageJob
 from launch.runner import prepare_run_dir, stage_spec
@@ -59,32 +59,42 @@ def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = 
         if not force and is_up_to_date(pipeline, spec, workdir):
             print(f"  {spec.name:16s} up to date, skipped")
             continue
-        prepare_run_dir(pipeline, spec, workdir, force)
-        run_dir = pipeline.run_dir(workdir, spec.name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        executor = make_executor("slurm", Path(workdir) / pipeline.name / ".submitit" / "%j",
-                                 stage_cluster(cluster, spec), job_name=f"{pipeline.name}.{spec.name}",
-                                 dependency=f"afterok:{previous}" if previous else None)
-        job = executor.submit(StageJob("launch.stage_main:run_stage",
-                                       {"spec": stage_spec(pipeline, spec, workdir, parent_id)},
-                                       run_dir, cluster.max_requeues))
-        jobs[spec.name] = {"job_id": str(job.job_id), "submitted_at": time.time(),
-                           "log_folder": str(Path(job.paths.stderr).parent),
-                           "after": previous}
-        previous = str(job.job_id)
-        print(f"  {spec.name:16s} job {job.job_id}" + (f" (after {jobs[spec.name]['after']})"
-                                                       if jobs[spec.name]["after"] else ""))
-    _jobs_path(pipeline, workdir).parent.mkdir(parents=True, exist_ok=True)
-    _jobs_path(pipeline, workdir).write_text(json.dumps(jobs, indent=2))
+        jobs[spec.name] = _submit_stage(pipeline, spec, cluster, workdir, parent_id, previous, force)
+        previous = jobs[spec.name]["job_id"]
+        # Written after every job, so a submission that fails half-way leaves the ids of the
+        # jobs it did queue for `status` and `cancel`.
+        _jobs_path(pipeline, workdir).write_text(json.dumps(jobs, indent=2))
+        print(f"  {spec.name:16s} job {previous}" + (f" (after {jobs[spec.name]['after']})"
+                                                     if jobs[spec.name]["after"] else ""))
     print(f"follow with: detrforge status {pipeline.path} --workdir {workdir}")
     return 0
+
+
+def _submit_stage(pipeline: Pipeline, spec: StageSpec, cluster: ClusterConfig, workdir: Path,
+                  parent_id: str | None, after: str | None, force: bool) -> dict:
+    """One stage's job (after job ``after``, if any); returns its jobs.json record."""
+    prepare_run_dir(pipeline, spec, workdir, force)
+    run_dir = pipeline.run_dir(workdir, spec.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor("slurm", workdir / pipeline.name / ".submitit" / "%j",
+                             stage_cluster(cluster, spec), job_name=f"{pipeline.name}.{spec.name}",
+                             dependency=f"afterok:{after}" if after else None)
+    job = executor.submit(StageJob("launch.stage_main:run_stage",
+                                   {"spec": stage_spec(pipeline, spec, workdir, parent_id)},
+                                   run_dir, cluster.max_requeues))
+    return {"job_id": str(job.job_id), "submitted_at": time.time(),
+            "log_folder": str(Path(job.paths.stderr).parent), "after": after}
 
 
 def _active_jobs(jobs: dict[str, dict]) -> dict[str, str]:
     """stage -> job id of the recorded jobs that SLURM still queues or runs."""
     if not jobs:
         return {}
-    states = slurm_states([job["job_id"] for job in jobs.values()])
+    try:
+        states = slurm_states([job["job_id"] for job in jobs.values()])
+    except (OSError, subprocess.SubprocessError) as err:
+        raise ExecutorError(f"cannot ask SLURM about the jobs in {JOBS_FILE} ({err}); is this a "
+                            "SLURM login node, with SLURM_CONF set for a local cluster?") from None
     return {stage: job["job_id"] for stage, job in jobs.items()
             if states.get(job["job_id"], ("UNKNOWN", ""))[0] in ACTIVE_STATES}
 
