@@ -35,6 +35,8 @@ DETR = ["model.num_queries=10", "model.hidden_dim=32", "model.enc_layers=1", "mo
         "data.eval_size=64", "data.max_size=96", "data.batch_size=2", "data.num_workers=0",
         "data.shuffle_buffer=16", "eval.pictures=1", "train.max_steps=3",
         "train.checkpoint_every=2", *FAST]
+# Without MLflow `submit` takes seconds less (no parent run); the first pipelines test it.
+NO_TRACKING = ("tracking.enabled=false",)
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
@@ -85,15 +87,14 @@ def stage(name: str, recipe: str, overrides: list[str], processes: int | None = 
     return entry
 
 
-def backbone_stage(samples: Path) -> dict:
+def backbone_stage(samples: Path, extra: tuple[str, ...] = ()) -> dict:
     return stage("backbone", "backbone_pretrain/tiny.yaml",
-                 [f"data.shards={samples}/classify", *BACKBONE], processes=2)
+                 [f"data.shards={samples}/classify", *BACKBONE, *extra], processes=2)
 
 
-def detr_stage(samples: Path, shards: Path | None = None, name: str = "detr") -> dict:
-    return stage(name, "detr_pretrain/tiny.yaml",
-                 [f"data.shards={shards or samples / 'detect'}", "backbone_init=stage:backbone",
-                  *DETR])
+def detr_stage(samples: Path, extra: tuple[str, ...] = ()) -> dict:
+    return stage("detr", "detr_pretrain/tiny.yaml",
+                 [f"data.shards={samples}/detect", "backbone_init=stage:backbone", *DETR, *extra])
 
 
 def write_pipeline(path: Path, name: str, stages: list[dict]) -> Path:
@@ -215,9 +216,9 @@ def test_failing_stage_cancels_its_dependants_and_status_says_why(slurm_env, sam
     empty.mkdir()
     failing = stage("backbone", "backbone_pretrain/tiny.yaml",
                     [f"data.shards={empty}", "model.name=resnet10t", "data.num_workers=0",
-                     "train.max_steps=2", *FAST])
+                     "train.max_steps=2", *FAST, *NO_TRACKING])
     pipeline_file = write_pipeline(tmp_path / "failing.yaml", "failing",
-                                   [failing, detr_stage(samples)])
+                                   [failing, detr_stage(samples, NO_TRACKING)])
     jobs = submit(slurm_env, pipeline_file, tmp_path / "work")
     assert wait_final(slurm_env, jobs, 300) == {"backbone": "FAILED", "detr": "CANCELLED"}
     reason = subprocess.run(["squeue", "-h", "-t", "all", "-j", jobs["detr"], "-o", "%r"],
@@ -235,7 +236,8 @@ def test_failing_stage_cancels_its_dependants_and_status_says_why(slurm_env, sam
 
 def test_second_submit_keeps_queued_jobs_and_cancel_cancels_them(slurm_env, samples, tmp_path):
     pipeline_file = write_pipeline(tmp_path / "cancelled.yaml", "cancelled",
-                                   [backbone_stage(samples), detr_stage(samples)])
+                                   [backbone_stage(samples, NO_TRACKING),
+                                    detr_stage(samples, NO_TRACKING)])
     workdir = tmp_path / "work"
     jobs = submit(slurm_env, pipeline_file, workdir)
     assert submit(slurm_env, pipeline_file, workdir) == jobs  # queued stages are not queued twice
