@@ -27,6 +27,7 @@ def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     """Run the stage described by ``spec`` (see launch.runner.stage_spec) on this rank."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _use_granted_cpus()
     kind, cfg = load_stage_config(spec["recipe"], spec["overrides"])
     run_dir = Path(spec["workdir"]) / spec["pipeline"] / spec["stage"]
     stop_file = Path(job.stop_file) if job is not None else run_dir / "STOP_REQUESTED"
@@ -40,6 +41,21 @@ def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))
     dist.shutdown()
     return record
+
+
+def _use_granted_cpus() -> None:
+    """In a SLURM task, one torch thread per CPU granted to it (``cpus_per_task``).
+
+    Without binding (``TaskPlugin=task/none``) torch would start one thread per core of the node
+    in every rank, oversubscribing it; torchrun does the same for local ranks (OMP_NUM_THREADS=1).
+    The thread count also decides how CPU kernels split their sums, so equal counts keep a SLURM
+    run and a local run of a stage equal.
+    """
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(int(cpus))
 
 
 def main(argv: list[str] | None = None) -> int:
