@@ -5,6 +5,11 @@ distance of the boxes and the negative generalized IoU, as in DETR. With ``focal
 classification cost is Deformable-DETR's focal cost on sigmoid probabilities; otherwise DETR's
 ``-softmax probability`` of the target class. Costs are computed for the whole batch at once and
 then split per image, and each image is solved with ``scipy.optimize.linear_sum_assignment``.
+
+With ``cost_mask`` / ``cost_dice`` > 0 and "pred_masks" in the outputs (segmentation heads), each
+image's cost also gets Mask2Former's mask costs: sigmoid BCE and dice between every query's and
+every target's mask at ``mask_points`` points drawn uniformly in the image (memory (Q + T) x
+points per image, never a full-resolution (Q, T, H, W) tensor).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from pipeline.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from pipeline.losses.masks import point_sample
 
 # Added to the magnitude of the largest finite cost to replace NaN/inf entries: such a pair is
 # never preferred to a finite one, and the solver never sees a non-finite value (it raises then).
@@ -36,9 +43,14 @@ class MatcherConfig:
     focal: bool = True  # sigmoid focal cost (Deformable-DETR); False: -softmax prob (DETR)
     focal_alpha: float = 0.25  # focal cost's alpha (balance of positives and negatives)
     focal_gamma: float = 2.0  # focal cost's gamma (down-weights easy examples)
+    cost_mask: float = 0.0  # weight of the sigmoid BCE between sampled mask points (Mask2Former: 5); 0 = off
+    cost_dice: float = 0.0  # weight of the dice cost between sampled mask points (Mask2Former: 5); 0 = off
+    mask_points: int = 12544  # points drawn per image for the mask costs (Mask2Former: 112 * 112)
 
     def __post_init__(self) -> None:
-        for name in ("cost_class", "cost_bbox", "cost_giou", "focal_gamma"):
+        if self.mask_points < 1:
+            raise ValueError(f"MatcherConfig.mask_points must be >= 1, got {self.mask_points}")
+        for name in ("cost_class", "cost_bbox", "cost_giou", "focal_gamma", "cost_mask", "cost_dice"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
@@ -52,7 +64,8 @@ def build_matcher(cfg: MatcherConfig) -> HungarianMatcher:
     """The matcher described by ``cfg``."""
     return HungarianMatcher(cost_class=cfg.cost_class, cost_bbox=cfg.cost_bbox,
                             cost_giou=cfg.cost_giou, focal=cfg.focal,
-                            focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+                            focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
+                            cost_mask=cfg.cost_mask, cost_dice=cfg.cost_dice, mask_points=cfg.mask_points)
 
 
 def check_detection_inputs(outputs: dict, targets: list[dict], num_classes: int) -> None:
@@ -94,10 +107,13 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+                 focal: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 cost_mask: float = 0.0, cost_dice: float = 0.0, mask_points: int = 12544) -> None:
         super().__init__()
-        MatcherConfig(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma)  # validates
+        MatcherConfig(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma,
+                      cost_mask, cost_dice, mask_points)  # validates
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.cost_mask, self.cost_dice, self.mask_points = cost_mask, cost_dice, mask_points
         self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
         # How many cost entries were NaN/inf since construction (a symptom of a diverging model).
         self.num_nonfinite_costs = 0
@@ -129,6 +145,35 @@ class HungarianMatcher(nn.Module):
         # An explicit size: view(B, Q, -1) is ambiguous when the batch has no targets at all.
         return cost.view(batch_size, num_queries, len(tgt_labels))
 
+    @torch.no_grad()
+    def mask_cost(self, pred_masks: Tensor, target_masks: Tensor, canvas_size: tuple[int, int]) -> Tensor:
+        """One image: (Q, h, w) mask logits over the padded canvas, (T, h_i, w_i) target masks at
+        the unpadded size -> (Q, T) fp32 ``cost_mask * BCE + cost_dice * dice`` on shared points."""
+        num_queries, num_targets = pred_masks.shape[0], target_masks.shape[0]
+        if num_targets == 0:
+            return pred_masks.new_zeros(num_queries, 0, dtype=torch.float32)
+        points = torch.rand(1, self.mask_points, 2, device=pred_masks.device)  # x, y in the image
+        height, width = target_masks.shape[-2:]
+        to_canvas = torch.tensor([width / canvas_size[1], height / canvas_size[0]], device=points.device)
+        pred = point_sample(pred_masks[None].float(), points * to_canvas)[0]  # (Q, P)
+        target = point_sample(target_masks[None].to(pred.device, torch.float32), points)[0]  # (T, P)
+        positive = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none")
+        negative = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
+        bce = (positive @ target.T + negative @ (1 - target).T) / self.mask_points
+        prob = pred.sigmoid()
+        dice = 1 - (2 * prob @ target.T + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None] + 1)
+        return self.cost_mask * bce + self.cost_dice * dice
+
+    def uses_masks(self, outputs: dict, targets: list[dict]) -> bool:
+        """Whether mask costs apply: weights > 0 and "pred_masks" present (two-stage encoder
+        proposals have none). Raises ValueError when the targets lack "masks"."""
+        if not (self.cost_mask or self.cost_dice) or "pred_masks" not in outputs:
+            return False
+        if any("masks" not in t for t in targets):
+            raise ValueError("HungarianMatcher: cost_mask / cost_dice need 'masks' (n, H, W) in every target; "
+                             "load the data with masks (DetectionDataConfig.with_masks) or set them to 0")
+        return True
+
     def replace_nonfinite(self, cost: Tensor) -> Tensor:
         """Replace NaN/inf costs by a finite value larger than every finite one; count and warn."""
         finite = torch.isfinite(cost)
@@ -159,9 +204,16 @@ class HungarianMatcher(nn.Module):
         check_detection_inputs(outputs, targets, num_labels)
         cost = self.replace_nonfinite(self.cost_matrix(outputs, targets).cpu())
         sizes = [len(t["boxes"]) for t in targets]
+        with_masks = self.uses_masks(outputs, targets)
+        # The canvas the masks cover, by DETR's rule: images padded to the largest of the batch.
+        canvas = tuple(max(t["masks"].shape[-2 + i] for t in targets) for i in range(2)) if with_masks else None
         indices = []
         for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
-            pred_idx, target_idx = linear_sum_assignment(image_cost[image].numpy())
+            image_cost = image_cost[image]
+            if with_masks:
+                masks_cost = self.mask_cost(outputs["pred_masks"][image], targets[image]["masks"], canvas)
+                image_cost = self.replace_nonfinite(image_cost + masks_cost.cpu())
+            pred_idx, target_idx = linear_sum_assignment(image_cost.numpy())
             indices.append((torch.as_tensor(pred_idx, dtype=torch.int64),
                             torch.as_tensor(target_idx, dtype=torch.int64)))
         return indices

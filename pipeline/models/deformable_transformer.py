@@ -262,11 +262,12 @@ class DeformableTransformer(nn.Module):
 
         Returns "hidden" (layers, B, Q, C), "init_reference" (B, Q, 2|4), "references"
         (list per layer of (B, Q, 2|4): its input reference; points become boxes after refinement) and, two-stage,
-        "enc_class" (B, S, classes), "enc_coord_unact" (B, S, 4).
+        "enc_class" (B, S, classes), "enc_coord_unact" (B, S, 4); "memory" (B, S, C), the
+        encoder output (level by level, as flattened; a segmentation head's pixel decoder reads it).
         """
         src_flat, mask_flat, pos_flat, shapes, valid_ratios = self.flatten_levels(srcs, masks, pos_embeds)
         memory = self.encoder(src_flat, shapes, valid_ratios, pos_flat, mask_flat)
-        out: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {"memory": memory}
         if self.two_stage:
             query_pos, tgt, reference, out["enc_class"], out["enc_coord_unact"] = self.two_stage_queries(
                 memory, mask_flat, shapes, class_embed, bbox_embed

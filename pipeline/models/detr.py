@@ -214,6 +214,10 @@ class DeformableDETR(DetectorBase):
         out = self.transformer(
             srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine
         )
+        return self.detection_outputs(out)
+
+    def detection_outputs(self, out: dict) -> dict:
+        """The transformer's output (per-layer "hidden", "references"...) -> the forward contract."""
         logits, boxes = [], []
         for layer, hidden in enumerate(out["hidden"]):
             reference = inverse_sigmoid(out["references"][layer])

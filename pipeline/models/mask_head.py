@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.backbone import BackboneConfig, build_backbone
-from pipeline.models.deformable_transformer import inverse_sigmoid
 from pipeline.models.detr import (
     MLP,
     DeformableDETR,
     DetectorConfig,
-    collect_outputs,
     feature_masks,
     group_norm,
 )
@@ -145,15 +143,9 @@ class DeformableSegmenter(DeformableDETR):
         (B, Q, ceil(H / s), ceil(W / s)) mask logits, s = pixel_stride, also in "aux_outputs"."""
         (srcs, masks, pos), high_res = self.multi_scale_inputs(images, padding_mask)
         query_embed = None if self.cfg.two_stage else self.query_embed.weight
-        captured: list[Tensor] = []
-        handle = self.transformer.encoder.register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            out = self.transformer(
-                srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine
-            )
-        finally:
-            handle.remove()
-        out["memory"] = captured[0]
+        out = self.transformer(
+            srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine
+        )
         outputs = self.detection_outputs(out)
         finest = memory_levels(out["memory"], [tuple(s.shape[-2:]) for s in srcs])[0]
         pixels = self.pixel_decoder(finest, high_res)  # (B, D, h, w)
@@ -162,23 +154,6 @@ class DeformableSegmenter(DeformableDETR):
         outputs["pred_masks"] = layer_masks[-1]
         for aux, masks_of_layer in zip(outputs["aux_outputs"], layer_masks[:-1]):
             aux["pred_masks"] = masks_of_layer
-        return outputs
-
-    def detection_outputs(self, out: dict) -> dict:
-        """The transformer's per-layer states -> the detector dict (as DeformableDETR.forward)."""
-        logits, boxes = [], []
-        for layer, hidden in enumerate(out["hidden"]):
-            reference = inverse_sigmoid(out["references"][layer])
-            delta = self.bbox_embed[layer](hidden)
-            if reference.shape[-1] == 4:
-                delta = delta + reference
-            else:
-                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            logits.append(self.class_embed[layer](hidden))
-            boxes.append(delta.sigmoid())
-        outputs = collect_outputs(torch.stack(logits), torch.stack(boxes), self.cfg.aux_loss)
-        if self.cfg.two_stage:
-            outputs["enc_outputs"] = {"pred_logits": out["enc_class"], "pred_boxes": out["enc_coord_unact"].sigmoid()}
         return outputs
 
 

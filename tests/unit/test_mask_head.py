@@ -108,7 +108,7 @@ def test_mask_losses_stay_bounded_at_512_with_100_queries():
                "pred_masks": torch.randn(1, num_queries, side // 4, side // 4, requires_grad=True)}
     targets = [{"labels": torch.randint(0, 5, (num_targets,)), "boxes": torch.rand(num_targets, 4) * 0.5 + 0.25,
                 "masks": torch.rand(num_targets, side, side) > 0.5}]
-    matcher = HungarianMatcher(focal=True, **mask_costs())
+    matcher = HungarianMatcher(focal=True, cost_mask=5.0, cost_dice=5.0)
     criterion = SetCriterion(num_classes=5, matcher=matcher, focal=True, mask_loss=MaskLossConfig())
     with LargestTensor() as tracker:
         losses = criterion(outputs, targets, canvas_size=(side, side))
@@ -118,10 +118,22 @@ def test_mask_losses_stay_bounded_at_512_with_100_queries():
     assert tracker.largest < num_queries * num_targets * side * side * 4 / 50
 
 
-def mask_costs() -> dict:
-    """Mask matching costs when the matcher offers them (Mask2Former's weights)."""
-    import inspect
 
-    if "cost_mask" in inspect.signature(HungarianMatcher).parameters:
-        return {"cost_mask": 5.0, "cost_dice": 5.0}
-    return {}
+def test_mask_costs_pick_the_query_whose_mask_matches():
+    """Two queries with the same class; query 0 has the exact box, query 1 the right mask (the
+    top half of a 32 x 48 (h x w) image inside a 64 x 64 canvas) and a slightly worse box."""
+    canvas_masks = torch.full((1, 2, 16, 16), -10.0)
+    canvas_masks[0, 1, :4, :12] = 10.0  # top half of the image = rows 0-15 of 64, columns 0-47
+    target_mask = torch.zeros(1, 32, 48, dtype=torch.bool)
+    target_mask[0, :16] = True
+    box = [0.5, 0.25, 1.0, 0.5]
+    outputs = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": canvas_masks,
+               "pred_boxes": torch.tensor([[box, [0.5, 0.27, 1.0, 0.5]]])}
+    # the canvas of the batch is 64 x 64: the other image's mask sets it (DETR's padding rule)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([box]), "masks": target_mask},
+               {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4),
+                "masks": torch.zeros(0, 64, 64, dtype=torch.bool)}]
+    outputs = {k: torch.cat([v, v]) for k, v in outputs.items()}
+    assert HungarianMatcher(focal=True)(outputs, targets)[0][0].tolist() == [0]
+    matched = HungarianMatcher(focal=True, cost_mask=5.0, cost_dice=5.0)(outputs, targets)
+    assert matched[0][0].tolist() == [1] and matched[1][0].tolist() == []
