@@ -159,6 +159,14 @@ def _resampled_urls(
         yield {"url": shards[rng.randrange(len(shards))]}
 
 
+def _fill_counts_as_progress(samples: Iterator[dict], guard: _EmptyGuard, fill: int) -> Iterator[dict]:
+    """Samples read while the shuffle buffer fills reset the guard; later only usable ones do."""
+    for read, sample in enumerate(samples, start=1):
+        if read <= fill:
+            guard.since_last_sample = 0
+        yield sample
+
+
 class TrainStream(IterableDataset):
     """The batches of one epoch's streams (an IterableDataset for torch's DataLoader)."""
 
@@ -185,6 +193,9 @@ class TrainStream(IterableDataset):
         shard_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 0))
         shuffle_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 1))
         samples = wds.tarfile_to_samples(handler=errors)(_resampled_urls(shards, shard_rng, guard))
+        # While the shuffle buffer fills no sample comes out, however good the data: a buffer
+        # larger than 20 small shards would otherwise look like unusable data.
+        samples = _fill_counts_as_progress(samples, guard, plan.shuffle_buffer)
         if plan.shuffle_buffer > 1:
             samples = wds.shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=shuffle_rng)(
                 samples

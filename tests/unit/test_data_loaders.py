@@ -258,3 +258,10 @@ def test_eval_loader_skips_bad_samples_too(samples, tmp_path):
         "corrupt_tar",
     ):
         assert loader.skipped.get(reason, 0) > 0, (reason, loader.skipped)
+
+
+def test_shuffle_buffer_larger_than_many_shards_is_not_mistaken_for_bad_data(samples):
+    """Filling a 200-sample buffer from 8-sample shards opens 25 shards before any batch."""
+    loader = build_detection_loader(_detect_cfg(samples / "detect", shuffle_buffer=200), "train")
+    batch = next(iter(loader))
+    assert batch["images"].shape[0] == 2
