@@ -208,14 +208,22 @@ def _cmd_ui(args) -> int:
     return 0  # not reached
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Typed errors of detrforge's own packages (bad config, data, checkpoint...) and missing
+    files carry a message that names the file and the fix: print it, not a traceback."""
+    module = type(err).__module__ or ""
+    return isinstance(err, FileNotFoundError) or module.split(".")[0] in ("pipeline", "stages",
+                                                                           "launch")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from pipeline.config import ConfigError
-
     try:
         return int(args.handler(args) or 0)
-    except (CliError, ConfigError, FileNotFoundError) as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         print(f"detrforge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -61,8 +61,16 @@ def _use_granted_cpus() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from launch.cli import is_user_error
+
     spec = json.loads(Path(argv[0]).read_text())
-    record = run_stage(spec)
+    try:
+        record = run_stage(spec)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"detrforge: stage {spec['stage']} failed: {err}", file=sys.stderr)
+        return 2
     return 0 if record["status"] in ("done", "stopped") else 1
 
 

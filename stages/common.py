@@ -237,7 +237,11 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     def step_fn(batch):
         return parts.task_step(strategy, state, batch)
 
-    result = fit(step_fn, parts.loader, strategy, callbacks, state, train.max_steps, save=save)
+    try:
+        result = fit(step_fn, parts.loader, strategy, callbacks, state, train.max_steps, save=save)
+    except BaseException:
+        tracker.finish("FAILED")  # the checkpoints stay; a rerun resumes from `latest`
+        raise
     if result.stopped:
         tracker.flush()
         return StageResult(ctx.stage, "stopped", start=outcome.kind, run_id=tracker.run_id,
