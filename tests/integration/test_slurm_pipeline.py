@@ -4,9 +4,9 @@ Start the cluster with `launch/slurm/cluster.sh up`. Skipped, with the reason, o
 cannot reach a cluster (found through SLURM_CONF, else cluster.sh's default state folder).
 
 One module fixture submits two pipelines at once, so their jobs overlap: "tinypipe" (backbone on
-2 DeepSpeed ranks -> detr -> domain) runs untouched; "requeued" is the same backbone stage alone,
-which `scontrol requeue` interrupts once it has saved a checkpoint. The untouched backbone is the
-reference the resumed one must match.
+2 DeepSpeed ranks -> detr) runs untouched; "requeued" is the same backbone stage alone, which
+`scontrol requeue` interrupts once it has saved a checkpoint. The untouched backbone is the
+reference that the resumed one, and the same stage run by `detrforge run` here, must match.
 """
 
 from __future__ import annotations
@@ -155,20 +155,47 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def submitted(slurm_env, samples, tmp_path_factory) -> dict:
-    """Both pipelines submitted together; "requeued" is requeued once it has a checkpoint."""
+    """Both pipelines submitted together, "requeued" requeued once it has a checkpoint, and the
+    same backbone stage run meanwhile by `detrforge run` (torchrun, 2 ranks) on this machine."""
     root = tmp_path_factory.mktemp("submitted")
     full = write_pipeline(root / "tinypipe.yaml", "tinypipe",
                           [backbone_stage(samples), detr_stage(samples)])
     alone = write_pipeline(root / "requeued.yaml", "requeued", [backbone_stage(samples)])
     full_jobs = submit(slurm_env, full, root / "full")
     requeued_jobs = submit(slurm_env, alone, root / "alone")
+    with open(root / "local.log", "w") as log:
+        local = subprocess.Popen([str(Path(sys.executable).parent / "detrforge"), "run",
+                                  str(alone), "--workdir", str(root / "local")],
+                                 env=slurm_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     run_dir = root / "alone" / "requeued" / "backbone"
-    wait_for(lambda: (run_dir / "latest").exists(), 300, "the first checkpoint of the requeued stage")
-    subprocess.run(["scontrol", "requeue", requeued_jobs["backbone"]], env=slurm_env, check=True,
-                   timeout=30)
-    states = wait_final(slurm_env, {**full_jobs, "requeued": requeued_jobs["backbone"]}, 600)
-    return {"full": (full, root / "full", full_jobs), "requeued": (alone, root / "alone", run_dir),
-            "states": states}
+    try:
+        wait_for(lambda: (run_dir / "latest").exists(), 300, "the first checkpoint to requeue from")
+        subprocess.run(["scontrol", "requeue", requeued_jobs["backbone"]], env=slurm_env,
+                       check=True, timeout=30)
+        states = wait_final(slurm_env, {**full_jobs, "requeued": requeued_jobs["backbone"]}, 600)
+        local_code = local.wait(timeout=600)
+    finally:
+        local.kill()  # no-op once it has ended
+    return {"full": (full, root / "full", full_jobs), "requeued": run_dir, "states": states,
+            "local": (local_code, root / "local.log", root / "local" / "requeued" / "backbone")}
+
+
+def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
+    """Same train loss at every logged step, same final metrics and exported weights."""
+    reference = dict(train_losses(reference_dir))
+    for step, loss in train_losses(run_dir):
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"train/loss, step {step}"
+    done = json.loads((run_dir / "DONE.json").read_text())
+    reference_done = json.loads((reference_dir / "DONE.json").read_text())
+    assert done["metrics"] == pytest.approx(reference_done["metrics"], rel=1e-6, abs=1e-9)
+
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    reference_weights = load_file(reference_dir / "export" / "model.safetensors")
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in weights.items():
+        assert (tensor.double() - reference_weights[name].double()).abs().max() <= 1e-6, name
 
 
 def test_submitted_pipeline_runs_every_stage_with_two_ranks_for_one(slurm_env, submitted):
@@ -188,27 +215,17 @@ def test_submitted_pipeline_runs_every_stage_with_two_ranks_for_one(slurm_env, s
 
 def test_requeued_stage_resumes_and_ends_like_an_uninterrupted_run(submitted):
     assert submitted["states"]["requeued"] == "COMPLETED"
-    _, _, run_dir = submitted["requeued"]
-    _, workdir, _ = submitted["full"]
-    reference_dir = workdir / "tinypipe" / "backbone"
+    run_dir = submitted["requeued"]
     assert json.loads((run_dir / "result.json").read_text())["start"] == "resume"
-    resumed = train_losses(run_dir)
-    steps = [step for step, _ in resumed]
+    steps = [step for step, _ in train_losses(run_dir)]
     assert len(steps) > len(set(steps)), "no step was trained twice: the requeue came too late"
-    reference = dict(train_losses(reference_dir))
-    for step, loss in resumed:  # the steps trained before and after the requeue alike
-        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
-    done = json.loads((run_dir / "DONE.json").read_text())
-    reference_done = json.loads((reference_dir / "DONE.json").read_text())
-    assert done["metrics"] == pytest.approx(reference_done["metrics"], rel=1e-6, abs=1e-9)
+    assert_same_run(run_dir, submitted["full"][1] / "tinypipe" / "backbone")
 
-    from safetensors.torch import load_file
 
-    weights = load_file(run_dir / "export" / "model.safetensors")
-    reference_weights = load_file(reference_dir / "export" / "model.safetensors")
-    assert weights.keys() == reference_weights.keys()
-    for name, tensor in weights.items():
-        assert (tensor.double() - reference_weights[name].double()).abs().max() <= 1e-6, name
+def test_local_run_of_the_stage_equals_the_slurm_run(submitted):
+    code, log, run_dir = submitted["local"]
+    assert code == 0, log.read_text()[-3000:]
+    assert_same_run(run_dir, submitted["full"][1] / "tinypipe" / "backbone")
 
 
 def test_failing_stage_cancels_its_dependants_and_status_says_why(slurm_env, samples, tmp_path):
