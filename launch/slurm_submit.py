@@ -158,20 +158,28 @@ def job_states(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
         reasons = squeue_reasons([j["job_id"] for j in jobs.values()])
     except (OSError, subprocess.SubprocessError):
         states, reasons = {}, {}
-    described = {}
-    for stage, job in jobs.items():
-        state, reason = states.get(job["job_id"], ("UNKNOWN", ""))
-        reason = reasons.get(job["job_id"]) or reason
-        text = f"job {job['job_id']} {state}"
-        # sacct keeps the last pending reason ("Dependency") of a job that ran since.
-        if reason and reason not in ("None", "(null)") and state in ("PENDING", "CANCELLED"):
-            text += f" ({reason})"
-        if state.startswith(("FAILED", "NODE_FAIL", "OUT_OF_MEMORY")):
-            text += f": {_error_line(job)}"
-        elif state == "CANCELLED" and job.get("after"):
-            text += f": its dependency job {job['after']} did not succeed"
-        described[stage] = text
-    return described
+    return {stage: _describe(job, states, reasons) for stage, job in jobs.items()}
+
+
+def _describe(job: dict, states: dict[str, tuple[str, str]], reasons: dict[str, str]) -> str:
+    state, reason = states.get(job["job_id"], ("UNKNOWN", ""))
+    reason = reasons.get(job["job_id"]) or reason
+    after_state = states.get(job.get("after") or "", ("UNKNOWN", ""))[0]
+    # Only a pending job's reason is current: sacct keeps the last pending reason
+    # ("Dependency") of a job that ran or was cancelled since, and squeue, which says
+    # DependencyNeverSatisfied, forgets finished jobs after a few minutes.
+    parent_failed = state == "CANCELLED" and bool(job.get("after")) and (
+        reason == "DependencyNeverSatisfied"
+        or (reason == "Dependency" and job["job_id"] not in reasons
+            and after_state not in ("COMPLETED", "UNKNOWN")))
+    text = f"job {job['job_id']} {state}"
+    if state == "PENDING" and reason not in ("", "None", "(null)"):
+        text += f" ({reason})"
+    if state.startswith(("FAILED", "NODE_FAIL", "OUT_OF_MEMORY")):
+        text += f": {_error_line(job)}"
+    elif parent_failed:
+        text += f" (DependencyNeverSatisfied): its dependency job {job['after']} did not succeed"
+    return text
 
 
 def cancel(pipeline: Pipeline, workdir: Path) -> int:

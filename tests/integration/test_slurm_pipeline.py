@@ -265,5 +265,6 @@ def test_second_submit_keeps_queued_jobs_and_cancel_cancels_them(slurm_env, samp
     assert wait_final(slurm_env, jobs, 120) == {"backbone": "CANCELLED", "detr": "CANCELLED"}
     status = detrforge(slurm_env, "status", str(pipeline_file), "--workdir", str(workdir)).stdout
     assert all(f"job {job_id} CANCELLED" in status for job_id in jobs.values()), status
+    assert "did not succeed" not in status  # cancelled by hand, not by a failed dependency
     again = detrforge(slurm_env, "cancel", str(pipeline_file), "--workdir", str(workdir)).stdout
     assert "nothing queued or running" in again
