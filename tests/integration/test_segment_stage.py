@@ -1,0 +1,47 @@
+"""The segment_finetune stage end to end on the tiny generated samples: a detector export is
+loaded partially (the mask head is new, the class head grows to things + stuff), a few steps
+train, evaluation reports segm AP, PQ and mIoU, pictures and the export are written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.samples import make_samples
+from pipeline.export import write_export
+from pipeline.models.detr import build_detector
+from stages import segment_finetune
+from stages.common import StageContext
+
+RECIPE = "configs/stages/segment_finetune/tiny.yaml"
+
+
+@pytest.mark.slow
+def test_segment_stage_from_a_detector_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_samples(tmp_path / "samples", "tiny")
+    shards = tmp_path / "samples" / "detect"
+    base = load_config(RECIPE, segment_finetune.Config, [f"data.shards={shards}"], ignore_keys=("stage",))
+    detector = build_detector(dataclasses.replace(base.model.detector, num_classes=7))  # the 7 thing classes
+    write_export(tmp_path / "detr_export", detector.state_dict(), {"kind": "detector"})
+    cfg = load_config(RECIPE, segment_finetune.Config, [
+        f"data.shards={shards}", f"init_from={tmp_path / 'detr_export'}", "train.max_steps=3",
+        "train.progress_bar=false", "train.log_every=1", "tracking.enabled=false", "data.num_workers=0",
+        "data.batch_size=2", "eval.pictures=2",
+    ], ignore_keys=("stage",))
+    ctx = StageContext(workdir=tmp_path / "runs", pipeline="demo", stage="segment")
+    result = segment_finetune.run(cfg, ctx)
+
+    assert result.status == "done" and result.start == "init_from" and result.main_metric == "PQ"
+    assert {"PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mIoU", "pixel_acc", "segm_AP", "segm_AP50"} <= set(result.metrics)
+    printed = capsys.readouterr().out
+    assert "missing:    pixel_decoder." in printed and "missing:    mask_embed." in printed
+    assert "mismatched: class_embed.0.weight" in printed  # 7 thing classes -> 10 things + stuff
+    pictures = sorted((ctx.run_dir / "artifacts" / "segmentation").glob("*.png"))
+    assert len(pictures) == 2
+    meta = json.loads((ctx.run_dir / "export" / "meta.json").read_text())
+    assert meta["kind"] == "segmenter" and len(meta["class_names"]) == 10
+    assert [c["isthing"] for c in meta["categories"]] == [1] * 7 + [0] * 3
