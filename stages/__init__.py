@@ -14,6 +14,7 @@ STAGE_MODULES = {
     "backbone_pretrain": "stages.backbone_pretrain",
     "detr_pretrain": "stages.detr_pretrain",
     "domain_finetune": "stages.domain_finetune",
+    "segment_finetune": "stages.segment_finetune",
 }
 
 
