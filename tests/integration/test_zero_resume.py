@@ -11,6 +11,7 @@ run's; the ZeRO-3 export must load into a plain single-process model and give it
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -76,7 +77,13 @@ def _launch_and_kill_when_hanging(run_dir: Path, zero_stage: int, step: int) -> 
             assert time.monotonic() < deadline, "worker never reached the hanging save"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts each rank in a session of its own: kill the whole tree, not the group.
+        import psutil
+
+        tree = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
 
