@@ -254,8 +254,10 @@ def test_failing_stage_cancels_its_dependants_and_status_says_why(slurm_env, sam
 
 
 def test_second_submit_keeps_queued_jobs_and_cancel_cancels_them(slurm_env, samples, tmp_path):
+    # A first stage far too long to finish before `cancel`, however slow the CLI calls are.
+    endless = (*NO_TRACKING, "train.max_steps=1000000")
     pipeline_file = write_pipeline(tmp_path / "cancelled.yaml", "cancelled",
-                                   [backbone_stage(samples, NO_TRACKING),
+                                   [backbone_stage(samples, endless),
                                     detr_stage(samples, NO_TRACKING)])
     workdir = tmp_path / "work"
     jobs = submit(slurm_env, pipeline_file, workdir)
