@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.data.collate import collate_classification
 from pipeline.data.decoding import decode_jpeg
 from pipeline.data.errors import DataError, SkipSample
-from pipeline.data.eval_stream import EvalLoader
+from pipeline.data.eval_stream import EvalLoader, build_split_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.data.stream import TrainLoader
 from pipeline.data.transforms import ClassificationAugment, ClassificationEval
@@ -108,16 +108,5 @@ def build_classification_loader(
     else:
         transform = ClassificationEval(cfg.image_size)
     decode = ClassificationDecoder(info.num_classes, transform)
-    if train:
-        steps = cfg.steps_per_epoch or max(1, info.num_samples // (cfg.batch_size * world_size))
-        loader = TrainLoader(
-            info, decode, collate_classification, batch_size=cfg.batch_size, steps_per_epoch=steps,
-            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-            rank=rank, world_size=world_size,
-        )  # fmt: skip
-    else:
-        loader = EvalLoader(
-            info, decode, collate_classification, batch_size=cfg.eval_batch_size or cfg.batch_size,
-            num_workers=cfg.num_workers, rank=rank, world_size=world_size,
-        )  # fmt: skip
-    return loader
+    return build_split_loader(cfg, info, decode, collate_classification, train, rank, world_size,
+                              seed)

@@ -21,7 +21,7 @@ from pipeline.data.categories import CategoryMap
 from pipeline.data.collate import collate_detection
 from pipeline.data.decoding import coco_target, decode_jpeg, decode_json
 from pipeline.data.errors import DataError
-from pipeline.data.eval_stream import EvalLoader
+from pipeline.data.eval_stream import EvalLoader, build_split_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.data.stream import TrainLoader
 from pipeline.data.transforms import DetectionAugment, DetectionEval, to_model_inputs
@@ -153,16 +153,4 @@ def build_detection_loader(
         cfg.with_masks,
     )
     collate = partial(collate_detection, size_divisibility=cfg.size_divisibility)
-    if train:
-        steps = cfg.steps_per_epoch or max(1, info.num_samples // (cfg.batch_size * world_size))
-        loader = TrainLoader(
-            info, decode, collate, batch_size=cfg.batch_size, steps_per_epoch=steps,
-            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-            rank=rank, world_size=world_size,
-        )  # fmt: skip
-    else:
-        loader = EvalLoader(
-            info, decode, collate, batch_size=cfg.eval_batch_size or cfg.batch_size,
-            num_workers=cfg.num_workers, rank=rank, world_size=world_size,
-        )  # fmt: skip
-    return loader
+    return build_split_loader(cfg, info, decode, collate, train, rank, world_size, seed)

@@ -24,6 +24,7 @@ from pipeline.data.stream import (
     ErrorCounter,
     LoaderBase,
     NumpyTransfer,
+    TrainLoader,
     decode_counting,
     make_data_loader,
 )
@@ -120,3 +121,20 @@ class EvalLoader(LoaderBase):
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = Counter(state.get("skipped", {}))
+
+
+def build_split_loader(cfg, info, decode, collate, train: bool, rank: int, world_size: int,
+                       seed: int) -> TrainLoader | EvalLoader:
+    """The loader of one split from a data config with batch_size, num_workers,
+    shuffle_buffer, steps_per_epoch and eval_batch_size (both loader configs have them)."""
+    if train:
+        steps = cfg.steps_per_epoch or max(1, info.num_samples // (cfg.batch_size * world_size))
+        return TrainLoader(
+            info, decode, collate, batch_size=cfg.batch_size, steps_per_epoch=steps,
+            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+            rank=rank, world_size=world_size,
+        )  # fmt: skip
+    return EvalLoader(
+        info, decode, collate, batch_size=cfg.eval_batch_size or cfg.batch_size,
+        num_workers=cfg.num_workers, rank=rank, world_size=world_size,
+    )  # fmt: skip

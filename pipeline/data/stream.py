@@ -387,3 +387,4 @@ class TrainLoader(LoaderBase):
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
         self.positions = [int(p) for p in state["positions"]]
         self.skipped = Counter(state.get("skipped", {}))
+
