@@ -279,8 +279,8 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
             "pipeline": ctx.pipeline}
     write_export(export_dir, state_dict, meta)
     result.export_dir = str(export_dir)
-    tracker.log_artifacts(ctx.run_dir / "artifacts", "artifacts") if (
-        ctx.run_dir / "artifacts").is_dir() else None
+    if (ctx.run_dir / "artifacts").is_dir():  # prediction pictures of the evaluation
+        tracker.log_artifacts(ctx.run_dir / "artifacts", "artifacts")
     result.model_version = _register(ctx, cfg, tracker, export_dir, inputs)
     tracker.finish("FINISHED")
     _write_done(ctx.run_dir, {
