@@ -1,9 +1,10 @@
-"""Model-only exports (consolidated fp32 safetensors + meta.json) and partial loading.
+"""Model-only exports (consolidated fp32 safetensors + meta.json).
 
 An export is what the next stage (or a user) starts from: `export/model.safetensors` with the
 full fp32 weights, and `export/meta.json` with whatever the stage describes (architecture config,
 class names, metrics, config hash, parent artifacts). safetensors holds tensors only, so loading
-an export never runs pickled code.
+an export never runs pickled code. Loading its weights into a model is
+``pipeline.weights.load_partial`` (re-exported here with its ``LoadReport``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pipeline import dist
+from pipeline.weights import LoadReport, load_partial
+
+__all__ = ["EXPORT_FORMAT", "META_FILE", "WEIGHTS_FILE", "ExportError", "LoadReport", "export_strategy",
+           "fsync_dir", "load_export", "load_partial", "write_atomic_bytes", "write_export"]
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -117,68 +120,3 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             "overwritten or is being written. Re-run the exporting stage"
         )
     return load_file(str(weights)), meta
-
-
-@dataclass
-class LoadReport:
-    """What `load_partial` did with each key."""
-
-    loaded: list[str] = field(default_factory=list)  # copied into the model
-    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
-    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, ckpt, model)
-
-    @property
-    def complete(self) -> bool:
-        """True when every model key was loaded and nothing was left over."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors; {len(self.missing)} missing (kept fresh "
-                 f"init), {len(self.unexpected)} unexpected (ignored), {len(self.mismatched)} "
-                 "shape-mismatched (kept fresh init)"]
-        lines += [f"  missing:    {key}" for key in self.missing]
-        lines += [f"  unexpected: {key}" for key in self.unexpected]
-        lines += [f"  mismatched: {key} checkpoint {list(ckpt)} vs model {list(model)}"
-                  for key, ckpt, model in self.mismatched]
-        return "\n".join(lines)
-
-
-def rename_keys(state_dict: Mapping[str, torch.Tensor],
-                prefix_map: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
-    """Replace the longest matching prefix of each key by its mapping ("" maps everything)."""
-    if not prefix_map:
-        return dict(state_dict)
-    prefixes = sorted(prefix_map, key=len, reverse=True)
-    renamed = {}
-    for key, value in state_dict.items():
-        match = next((p for p in prefixes if key.startswith(p)), None)
-        new_key = key if match is None else prefix_map[match] + key[len(match):]
-        if new_key in renamed:
-            raise ExportError(f"export.py: prefix_map sends two keys to {new_key!r}")
-        renamed[new_key] = value
-    return renamed
-
-
-def load_partial(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                 prefix_map: Mapping[str, str] | None = None) -> LoadReport:
-    """Copy every tensor whose name and shape fit `model`; keep the model's own initialisation
-    for the rest (e.g. a classifier head with a new class count). Returns the LoadReport.
-
-    prefix_map renames checkpoint keys first, e.g. {"backbone.body.": "backbone."}.
-    """
-    source = rename_keys(state_dict, prefix_map)
-    target = model.state_dict()
-    report = LoadReport()
-    fitting = {}
-    for key, value in source.items():
-        if key not in target:
-            report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(target[key].shape):
-            report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
-        else:
-            fitting[key] = value
-            report.loaded.append(key)
-    report.missing = [key for key in target if key not in source]
-    model.load_state_dict(fitting, strict=False)
-    return report

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.models.backbone_weights import load_backbone_weights, normalize_key
+
 VIT_PYRAMID_STRIDES = (4, 8, 16, 32)
 
 
@@ -221,11 +223,6 @@ def needs_padding(body: nn.Module, strides: list[int]) -> bool:
     return any(f.shape[-1] != math.ceil(side / s) for f, s in zip(features, strides))
 
 
-def normalize_key(name: str) -> str:
-    """Key form shared by a timm model and its features_only twin (``stages_0`` == ``stages.0``)."""
-    return name.replace("_", ".")
-
-
 def freeze_first_stages(body: nn.Module, stage_modules: list[str], num_stages: int) -> None:
     """Set requires_grad=False on all parameters up to the end of stage ``num_stages``.
 
@@ -257,8 +254,6 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Backbone for ``cfg``, with ``cfg.weights`` loaded (report printed) when set."""
     backbone = Backbone(cfg)
     if cfg.weights:
-        from pipeline.models.backbone_weights import load_backbone_weights
-
         report = load_backbone_weights(backbone, cfg.weights)
         print(report.summary())
     return backbone

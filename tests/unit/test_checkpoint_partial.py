@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.export import ExportError, load_partial, rename_keys
+from pipeline.export import load_partial
+from pipeline.weights import KeyMapError, prefix_renamer
 
 
 def model(num_classes=3, seed=0):
@@ -39,15 +40,15 @@ def test_missing_keys_are_reported():
 def test_prefix_map_renames_longest_prefix_first():
     source = {"model.body.weight": torch.ones(8, 4), "model.body.bias": torch.ones(8),
               "model.cls.weight": torch.ones(3, 8)}
-    renamed = rename_keys(source, {"model.": "", "model.body.": "backbone."})
-    assert sorted(renamed) == ["backbone.bias", "backbone.weight", "cls.weight"]
+    rename = prefix_renamer({"model.": "", "model.body.": "backbone."})
+    assert sorted(map(rename, source)) == ["backbone.bias", "backbone.weight", "cls.weight"]
     report = load_partial(model(), source, {"model.body.": "backbone."})
     assert sorted(report.loaded) == ["backbone.bias", "backbone.weight"]
 
 
 def test_prefix_map_collisions_are_errors():
-    with pytest.raises(ExportError, match="two keys"):
-        rename_keys({"a.w": torch.zeros(1), "b.w": torch.zeros(1)}, {"a.": "", "b.": ""})
+    with pytest.raises(KeyMapError, match="both map to 'w'"):
+        load_partial(nn.Linear(1, 1), {"a.w": torch.zeros(1), "b.w": torch.zeros(1)}, {"a.": "", "b.": ""})
 
 
 def test_complete_load_reports_complete():

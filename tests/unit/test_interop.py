@@ -53,8 +53,8 @@ def test_official_round_trip_gives_equal_outputs(variant):
     assert any(k.startswith("backbone.0.body.") for k in official)
     assert "query_embed.weight" in official or cfg.two_stage
     report = load_official_state_dict(target, {"model": official, "epoch": 49})
-    assert report.unmapped == [] and report.missing == [] and report.mismatched == []
-    assert bool(report.duplicates) == cfg.box_refine
+    assert report.unexpected == [] and report.missing == [] and report.mismatched == []
+    assert bool(report.skipped) == cfg.box_refine
     images = torch.randn(1, 3, 64, 96)
     mask = torch.zeros(1, 64, 96, dtype=torch.bool)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_other_class_count_loads_all_but_class_heads(tmp_path):
     torch.save({"model": to_official_state_dict(source)}, path)
     target = build_detector(tiny_config(num_classes=4))
     report = load_official_state_dict(target, path)
-    assert report.mismatched and all(k.startswith("class_embed.") for k in (m.split(":")[0] for m in report.mismatched))
+    assert report.mismatched and all(key.startswith("class_embed.") for key, _, _ in report.mismatched)
     assert report.missing == []  # mismatched heads are listed once, not also as missing
     torch.testing.assert_close(target.query_embed.weight, source.query_embed.weight)
 
@@ -80,5 +80,5 @@ def test_unknown_keys_are_reported_not_loaded():
     state = to_official_state_dict(model)
     state["transformer.decoder.layers.9.norm1.weight"] = torch.ones(32)
     report = load_official_state_dict(model, state)
-    assert report.unmapped == ["transformer.decoder.layers.9.norm1.weight"]
-    assert "unmapped (1)" in report.summary()
+    assert report.unexpected == ["transformer.decoder.layers.9.norm1.weight"]
+    assert "unexpected (1)" in report.summary()
