@@ -12,30 +12,27 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.coco_clean import CleanCoco, SkippedItem, clean_bbox, clean_coco, load_coco_json
 from pipeline.data.errors import ConversionError
 from pipeline.data.shards import ShardInfo, shard_name, write_shard_info, write_tar
 
+__all__ = ["ConversionSummary", "SkippedItem", "clean_bbox", "coco_to_shards", "imagefolder_to_shards"]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 JPEG_QUALITY = 95
-
-
-@dataclass(frozen=True)
-class SkippedItem:
-    """One image or annotation left out, with the file it came from and why."""
-
-    file: str
-    reason: str
-    detail: str = ""
+# The cleaned COCO file written beside detection shards; evaluation reads it (ShardInfo).
+CLEAN_ANNOTATION_FILE = "annotations.json"
 
 
 @dataclass
@@ -102,8 +99,14 @@ class _ShardTask:
     kind: str
 
 
-def _write_shard(task: _ShardTask) -> tuple[int, int, list[SkippedItem]]:
-    """Worker: read and check each image, write the shard -> (images, annotations, skipped)."""
+class _ShardResult(NamedTuple):
+    keys: list[str]  # keys of the samples written, in order
+    annotations: int
+    skipped: list[SkippedItem]
+
+
+def _write_shard(task: _ShardTask) -> _ShardResult:
+    """Worker: read and check each image, write the shard."""
     samples, skipped, annotations = [], [], 0
     for key, image_path, record, expected_size in task.items:
         data, size, problem = _read_image(image_path)
@@ -121,12 +124,12 @@ def _write_shard(task: _ShardTask) -> tuple[int, int, list[SkippedItem]]:
             samples.append((key, {"jpg": data, "json": text.encode()}))
             annotations += len(record["annotations"])
     write_tar(task.path, samples)
-    return len(samples), annotations, skipped
+    return _ShardResult([key for key, _ in samples], annotations, skipped)
 
 
 def _run_tasks(
     tasks: Sequence[_ShardTask], workers: int, progress: bool, desc: str
-) -> list[tuple[int, int, list[SkippedItem]]]:
+) -> list[_ShardResult]:
     """Run shard tasks in order (in-process for 1 worker), with an optional tqdm bar."""
     from tqdm import tqdm
 
@@ -168,18 +171,21 @@ def _make_tasks(out: Path, items: list, shard_size: int, kind: str) -> list[_Sha
 
 
 def _finish(
-    summary: ConversionSummary, tasks: list[_ShardTask], results: list, make_info: Callable
+    summary: ConversionSummary,
+    tasks: list[_ShardTask],
+    results: list[_ShardResult],
+    make_info: Callable,
 ) -> ConversionSummary:
-    for images, kept, skipped in results:
-        summary.images_written += images
-        summary.annotations_kept += kept
-        summary.skipped.extend(skipped)
+    for result in results:
+        summary.images_written += len(result.keys)
+        summary.annotations_kept += result.annotations
+        summary.skipped.extend(result.skipped)
     summary.shards = len(tasks)
     if summary.images_written == 0:
         raise ConversionError(
             f"no valid image was written to {summary.out}: {summary.skipped_by_reason()}"
         )
-    info = make_info([t.path.name for t in tasks], [r[0] for r in results])
+    info = make_info([t.path.name for t in tasks], [len(r.keys) for r in results])
     info.skipped = summary.skipped_by_reason()
     write_shard_info(info)
     return summary
@@ -227,84 +233,24 @@ def imagefolder_to_shards(
     return _finish(ConversionSummary(out), tasks, results, make_info)
 
 
-def _load_coco(annotations_file: Path) -> dict:
-    if not annotations_file.is_file():
-        raise ConversionError(f"annotation file {annotations_file} not found")
-    try:
-        coco = json.loads(annotations_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-        raise ConversionError(f"{annotations_file} is not valid JSON: {exn}") from exn
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise ConversionError(
-            f"{annotations_file} has no 'images' list; is it a COCO instances file?"
-        )
-    return coco
-
-
-def clean_bbox(bbox, width: int, height: int) -> tuple[list[float] | None, bool]:
-    """Clip a COCO ``[x, y, w, h]`` box to the image -> (box or None if degenerate, was_clipped)."""
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None, False
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return None, False
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x1 - x0 <= 0 or y1 - y0 <= 0:
-        return None, False
-    clipped = [x0, y0, x1 - x0, y1 - y0]
-    return clipped, clipped != [x, y, w, h]
-
-
-def _clean_annotations(
-    anns: list[dict], image: dict, known_ids: set[int], source: str, summary: ConversionSummary
-) -> list[dict]:
-    """Keep the usable annotations of one image, recording each dropped one in ``summary``."""
-    kept = []
-    for ann in anns:
-        where = f"annotation {ann.get('id')} of image {image['id']}"
-        if ann.get("category_id") not in known_ids:
-            summary.skipped.append(
-                SkippedItem(source, "unknown_category", f"{where}: {ann.get('category_id')}")
-            )
-            continue
-        box, clipped = clean_bbox(ann.get("bbox"), image["width"], image["height"])
-        if box is None:
-            summary.skipped.append(
-                SkippedItem(source, "degenerate_box", f"{where}: {ann.get('bbox')}")
-            )
-            continue
-        summary.boxes_clipped += int(clipped)
-        kept.append({**ann, "bbox": box, "iscrowd": int(ann.get("iscrowd", 0))})
-    return kept
-
-
-def _valid_image_record(image) -> bool:
-    return (
-        isinstance(image, dict)
-        and isinstance(image.get("id"), int)
-        and isinstance(image.get("file_name"), str)
-        and all(isinstance(image.get(k), int) and image[k] > 0 for k in ("width", "height"))
-    )
-
-
-def _coco_items(coco: dict, images_dir: Path, source: str, summary: ConversionSummary) -> list:
-    """(key, image path, sample record, expected size) per valid image record, sorted by id."""
-    known_ids = {c["id"] for c in coco.get("categories", [])}
-    by_image: dict[int, list[dict]] = {}
-    for ann in coco.get("annotations", []):
-        by_image.setdefault(ann.get("image_id"), []).append(ann)
+def _coco_items(clean: CleanCoco, images_dir: Path) -> list:
+    """(key, image path, sample record, expected size) per kept image, sorted by id."""
     items = []
-    for image in coco["images"]:
-        if not _valid_image_record(image):
-            summary.skipped.append(SkippedItem(source, "invalid_image_record", str(image)[:200]))
-            continue
-        anns = _clean_annotations(by_image.get(image["id"], []), image, known_ids, source, summary)
-        record = {"image": image, "annotations": anns}
+    for image in clean.images:  # sorted by id, ids unique
+        record = {"image": image, "annotations": clean.annotations.get(image["id"], [])}
         size = (image["width"], image["height"])
         items.append((f"{image['id']:012d}", images_dir / image["file_name"], record, size))
-    return sorted(items, key=lambda item: item[0])
+    return items
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    """Write ``record`` as compact, sorted JSON through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(record, handle, sort_keys=True, separators=(",", ":"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def coco_to_shards(
@@ -318,27 +264,35 @@ def coco_to_shards(
 ) -> ConversionSummary:
     """COCO instances json + image folder -> detection shards in ``out`` (``.jpg`` + ``.json``).
 
-    Boxes are clipped to the image; degenerate boxes and unknown category ids drop the
-    annotation; missing, corrupt or wrongly sized images drop the image. A byte copy of the
-    annotation file is kept in ``out`` (named as the original) for pycocotools evaluation.
+    Every record that :func:`~pipeline.data.coco_clean.clean_coco` finds unusable (duplicate or
+    dangling ids, wrong types, degenerate boxes, unknown categories, malformed polygons or RLE) is
+    reported and skipped; boxes are clipped to the image; missing, corrupt or wrongly sized images
+    are skipped. The cleaned annotation file (the images written and their kept annotations) is
+    written as ``out/annotations.json``; evaluation reads it, so pycocotools sees the ground truth
+    the model was trained against, and never a record that it cannot decode.
     """
     images_dir, annotations_file = Path(images_dir), Path(annotations_file)
     if not images_dir.is_dir():
         raise ConversionError(f"images folder {images_dir} not found")
-    coco = _load_coco(annotations_file)
+    clean_path = Path(out) / CLEAN_ANNOTATION_FILE
+    if clean_path.resolve() == annotations_file.resolve():
+        raise ConversionError(
+            f"{annotations_file} would be overwritten by the cleaned annotation file; "
+            "choose another output folder"
+        )
+    clean = clean_coco(load_coco_json(annotations_file), str(annotations_file))
     out = _prepare_out(out)
-    summary = ConversionSummary(out)
-    items = _coco_items(coco, images_dir, str(annotations_file), summary)
-    tasks = _make_tasks(out, items, shard_size, "detection")
+    summary = ConversionSummary(out, skipped=list(clean.skipped))
+    summary.boxes_clipped = clean.boxes_clipped
+    tasks = _make_tasks(out, _coco_items(clean, images_dir), shard_size, "detection")
     results = _run_tasks(tasks, workers, progress, f"{annotations_file.name} -> shards")
-    kept_copy = out / annotations_file.name
-    if kept_copy.resolve() != annotations_file.resolve():
-        shutil.copyfile(annotations_file, kept_copy)
-    categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
+    written = {int(key) for result in results for key in result.keys}
+    if written:
+        _write_json_atomic(clean_path, clean.to_coco(written))
 
     def make_info(names: list[str], counts: list[int]) -> ShardInfo:
         return ShardInfo(
-            out, "detection", split or out.name, names, counts, categories, kept_copy.name
+            out, "detection", split or out.name, names, counts, clean.categories, clean_path.name
         )
 
     return _finish(summary, tasks, results, make_info)

@@ -47,9 +47,10 @@ def test_sample_layout_and_info(samples):
     assert load_shard_info(samples / "classify" / "train").num_classes == 12
     detect = load_shard_info(samples / "detect" / "train")
     assert len(detect.shards) == 3  # 24 images, 8 per shard
-    assert (
-        detect.annotation_path.read_bytes()
-        == (samples / "detect/annotations/instances_train.json").read_bytes()
+    # clean data: the cleaned file that evaluation reads holds exactly the original records
+    assert detect.annotation_path.name == "annotations.json"
+    assert json.loads(detect.annotation_path.read_text()) == json.loads(
+        (samples / "detect/annotations/instances_train.json").read_text()
     )
     panoptic = json.loads((samples / "detect/annotations/panoptic_val.json").read_text())
     assert {c["isthing"] for c in panoptic["categories"]} == {0, 1}
@@ -278,3 +279,125 @@ def test_rerun_into_the_same_folder_leaves_nothing_stale(tmp_path, monkeypatch):
         f"shard-00000{i}.tar" for i in range(3)
     ]
     assert not (tmp_path / "detect/train/shard-000005.tar").exists()
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts of a (H, W) mask: column-major runs, starting with zeros."""
+    flat = mask.flatten(order="F").astype(np.int64)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], edges, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def test_rle_string_counts_matches_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    from pipeline.data.coco_clean import rle_string_counts
+
+    rng = np.random.default_rng(0)
+    for shape in ((30, 40), (7, 3), (64, 64)):
+        mask = rng.random(shape) < 0.3
+        mask[0, 0] = True  # a run of zero zeros first: the format's edge case
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert rle_string_counts(rle["counts"].decode("ascii")) == _runs(mask)
+    with pytest.raises(ValueError, match="ends inside"):
+        rle_string_counts("0k")  # 'k' (59) has the continuation bit and nothing follows
+
+
+def _polygon(x, y, side=8) -> list[list[float]]:
+    return [[x, y, x + side, y, x + side, y + side, x, y + side]]
+
+
+@pytest.fixture
+def broken_coco(tmp_path) -> tuple[Path, Path]:
+    """A COCO file with every item of the bad-COCO list, beside three good 40x30 images."""
+    from pycocotools import mask as mask_utils
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("one.jpg", "two.jpg", "other.jpg", "three.jpg"):
+        _jpeg(images / name)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:15, 5:20] = 1
+    good_rle = mask_utils.encode(np.asfortranarray(mask))
+    wide = mask_utils.encode(np.asfortranarray(np.zeros((30, 41), np.uint8)))
+
+    def image(i, name):
+        return {"id": i, "file_name": name, "width": 40, "height": 30}
+
+    def ann(i, image_id=1, **kw):
+        return {"id": i, "image_id": image_id, "category_id": 1, "bbox": [5, 5, 10, 10],
+                "iscrowd": 0, "area": 100, "segmentation": _polygon(5, 5), **kw}
+
+    anns = [
+        ann(1),
+        ann(1, bbox=[1, 1, 4, 4]),  # duplicate annotation id
+        ann(3, image_id=99),  # dangling image id
+        "not an annotation",  # not a dict
+        ann(4, iscrowd="yes"),  # wrong type
+        ann(5, bbox=[1, 2, 3]),  # bbox not 4 numbers
+        ann(6, bbox=["1", 2, 3, 4]),  # bbox with a string
+        ann(7, segmentation=[[1, 1, 9, 1, 9]]),  # odd polygon
+        ann(8, segmentation=[[1, 1, 9, 9]]),  # 2-point polygon
+        ann(9, segmentation={"size": [30, 40], "counts": [0, 1000, 500]}),  # sums past h*w
+        ann(10, segmentation={"size": [60, 40], "counts": [2400]}),  # size is not the image's
+        ann(11, image_id=3, segmentation={"size": [30, 40], "counts": good_rle["counts"].decode()}),
+        ann(12, image_id=3, segmentation={"size": [30, 40], "counts": wide["counts"].decode()}),
+        ann(13, image_id=2),  # its image id names two different records
+        ann(14, image_id=3, iscrowd=1, area=None, bbox=[0, 0, 20, 20], segmentation={"size": [30, 40], "counts": [1200]}),
+    ]  # fmt: skip
+    coco = {
+        "info": {"description": "broken on purpose"},
+        "images": [image(1, "one.jpg"), image(2, "two.jpg"), image(2, "other.jpg"),
+                   image(3, "three.jpg"), image(3, "three.jpg")],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "thing"}, {"id": 1, "name": "again"}, "x"],
+    }  # fmt: skip
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    return images, path
+
+
+def test_every_bad_coco_item_is_reported_skipped_and_kept_out_of_evaluation(broken_coco, tmp_path):
+    from pipeline.data.decoding import decode_segmentation
+    from pipeline.eval.coco import load_coco
+
+    images, annotations = broken_coco
+    summary = coco_to_shards(images, annotations, tmp_path / "out")
+    assert summary.skipped_by_reason() == {
+        "dangling_image_id": 1, "duplicate_annotation_id": 1, "duplicate_category_id": 1,
+        "duplicate_image_id": 4, "invalid_annotation": 2, "invalid_bbox": 2,
+        "invalid_category": 1, "invalid_segmentation": 5,
+    }  # fmt: skip
+    assert {s.file for s in summary.skipped} == {str(annotations)}
+    details = "\n".join(s.detail for s in summary.skipped)
+    for words in ("iscrowd 'yes'", "odd number", "2 points", "sum to 1500", "[60, 40]",
+                  "sum to 1230", "different records", "id 1 listed again"):  # fmt: skip
+        assert words in details, words
+    assert (summary.images_written, summary.annotations_kept) == (2, 3)
+    records = {key: json.loads(m["json"]) for key, m in _read_set(tmp_path / "out").items()}
+    assert sorted(records) == [f"{1:012d}", f"{3:012d}"]  # one key per id, no collision
+    info = load_shard_info(tmp_path / "out")
+    assert info.skipped["invalid_segmentation"] == 5 and [c["name"] for c in info.categories] == [
+        "thing"
+    ]
+    cleaned = json.loads(info.annotation_path.read_text())
+    assert [im["id"] for im in cleaned["images"]] == [1, 3]
+    assert [a["id"] for a in cleaned["annotations"]] == [1, 11, 14]
+    assert cleaned["info"] == {"description": "broken on purpose"}
+    assert cleaned["annotations"][2]["area"] == 400.0  # missing area filled from the box
+    gt = load_coco(info.annotation_path)  # what evaluation reads: pycocotools indexes it
+    assert sorted(gt.anns) == [1, 11, 14]
+    for record in cleaned["annotations"]:
+        assert decode_segmentation(record["segmentation"], 30, 40).shape == (30, 40)
+
+
+def test_cleaned_file_lists_only_the_images_written(bad_coco, tmp_path):
+    images, annotations = bad_coco
+    coco_to_shards(images, annotations, tmp_path / "out")
+    cleaned = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert [im["file_name"] for im in cleaned["images"]] == ["good.jpg"]
+    assert [a["id"] for a in cleaned["annotations"]] == [1, 5]  # 7 belonged to a corrupt image
+    with pytest.raises(ConversionError, match="overwritten"):
+        coco_to_shards(images, tmp_path / "out" / "annotations.json", tmp_path / "out")
