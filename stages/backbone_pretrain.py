@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline import dist
 from pipeline.data.classification import ClassificationDataConfig, build_classification_loader
+from pipeline.data.collate import model_images
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
 from pipeline.eval.topk import TopKAccuracy
@@ -57,7 +58,7 @@ def _evaluate(loader):
     def evaluate(strategy) -> dict[str, float]:
         accuracy = TopKAccuracy(ks=(1, 5))
         for batch in loader:
-            images = batch["images"].to(strategy.device, strategy.compute_dtype)
+            images = model_images(batch, strategy.device, strategy.compute_dtype)
             with strategy.autocast():
                 logits = strategy.module(images)
             accuracy.update(logits.float().cpu(), batch["labels"])
@@ -73,7 +74,7 @@ def _parts(cfg: Config, ctx: StageContext, env: dist.DistEnv) -> StageParts:
     loss_fn = build_classification_loss(cfg.loss)
 
     def task_step(strategy, state, batch):
-        images = batch["images"].to(strategy.device, strategy.compute_dtype)
+        images = model_images(batch, strategy.device, strategy.compute_dtype)
         labels = batch["labels"].to(strategy.device)
         logits = strategy.module(images)
         loss = loss_fn(logits.float(), labels)

@@ -117,7 +117,7 @@ class StageParts:
     main_metric: str  # key of evaluate()'s dict shown in the summary
     meta: dict[str, Any]  # export meta: architecture config, class names...
     images_per_step: int | None = None
-    is_backbone: Callable[[str], bool] | None = None
+    group_of: Callable[[str], str] | None = None  # optimiser group per parameter (model.param_group)
     init_from: Path | None = None  # export folder whose weights start the model (resume order 2)
     prefix_map: dict[str, str] | None = None  # key renames for init_from
     export_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
@@ -212,10 +212,8 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     callbacks = _callbacks(ctx, train, parts, tracker_holder, strategy_box, save)
 
     def make_strategy(model: nn.Module) -> Strategy:
-        strategy = build_strategy(strategy_cfg, model, optim, parts.micro_batch_size, env,
-                                  total_steps=train.max_steps, is_backbone=parts.is_backbone)
-        strategy_box.append(strategy)
-        return strategy
+        return build_strategy(strategy_cfg, model, optim, parts.micro_batch_size, env,
+                              total_steps=train.max_steps, group_of=parts.group_of)
 
     strategy, outcome = resume(run, parts.model, make_strategy, state, loader=parts.loader,
                                callbacks=callbacks, init_from=parts.init_from,

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline import dist
+from pipeline.data.collate import model_images
 from pipeline.data.detection import DetectionDataConfig, build_detection_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.eval.coco import CocoEvaluator
@@ -52,7 +53,7 @@ def detection_task_step(criterion: SetCriterion, weights: dict[str, float], free
         model = strategy.module.module if hasattr(strategy.module, "module") else strategy.module
         if hasattr(model, "set_backbone_frozen"):
             model.set_backbone_frozen(state.step < freeze_steps)
-        images = batch["images"].to(strategy.device, strategy.compute_dtype)
+        images = model_images(batch, strategy.device, strategy.compute_dtype)
         padding_mask = batch["padding_mask"].to(strategy.device)
         outputs = strategy.module(images, padding_mask)
         losses = criterion(outputs, move_targets(batch["targets"], strategy.device))
@@ -90,7 +91,7 @@ def coco_evaluate(loader, annotation_file: Path, focal: bool, eval_cfg: Detectio
     def evaluate(strategy) -> dict[str, float]:
         evaluator = CocoEvaluator(annotation_file, label_to_id)
         for index, batch in enumerate(loader):
-            images = batch["images"].to(strategy.device, strategy.compute_dtype)
+            images = model_images(batch, strategy.device, strategy.compute_dtype)
             with strategy.autocast():
                 outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
             outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
@@ -101,7 +102,7 @@ def coco_evaluate(loader, annotation_file: Path, focal: bool, eval_cfg: Detectio
             if index == 0 and pictures_dir is not None and dist.is_main() and eval_cfg.pictures:
                 n = eval_cfg.pictures
                 sizes = torch.stack([t["size"] for t in targets])
-                draw_predictions(batch["images"][:n], sizes[:n],
+                draw_predictions(images[:n], sizes[:n],
                                  postprocess_detections(outputs, sizes, focal, eval_cfg.top_k)[:n],
                                  category_map.names, pictures_dir, eval_cfg.picture_score)
         metrics = evaluator.summarize() if evaluator.gather() else None

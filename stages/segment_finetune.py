@@ -71,7 +71,8 @@ def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
     criterion = build_criterion(cfg.criterion, num_classes)
     instances = load_shard_info(Path(data.shards) / "val").annotation_path
     return StageParts(
-        model=build_segmenter(model_cfg), loader=train_loader,
+    model = build_segmenter(model_cfg)
+        model=model, loader=train_loader,
         task_step=segmentation_task_step(criterion, cfg.criterion.weights.as_dict(),
                                          detector.backbone.freeze_steps),
         evaluate=segmentation_evaluate(val_loader, val_view, instances, cfg.criterion.matcher.focal, cfg.eval,
@@ -81,7 +82,7 @@ def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
         meta={"kind": "segmenter", "segmenter": dataclasses.asdict(model_cfg),
               "class_names": [str(c.get("name", c["id"])) for c in train_view.categories],
               "categories": list(train_view.categories), "data_fingerprint": data_fingerprint(data.shards)},
-        is_backbone=lambda name: name.startswith("backbone."),
+        group_of=model.param_group,
         init_from=resolve_init(cfg.init_from, ctx),
     )
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from pipeline import dist
-from pipeline.data.collate import collate_detection
+from pipeline.data.collate import collate_detection, model_images
 from pipeline.data.decoding import coco_target, decode_jpeg, decode_json
 from pipeline.data.detection import DetectionDataConfig, build_detection_transform
 from pipeline.data.errors import DataError
@@ -156,7 +156,7 @@ def segmentation_task_step(criterion: SetCriterion, weights: dict[str, float], f
         model = strategy.module.module if hasattr(strategy.module, "module") else strategy.module
         if hasattr(model, "set_backbone_frozen"):
             model.set_backbone_frozen(state.step < freeze_steps)
-        images = batch["images"].to(strategy.device, strategy.compute_dtype)
+        images = model_images(batch, strategy.device, strategy.compute_dtype)
         outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
         losses = criterion(outputs, move_targets(batch["targets"], strategy.device),
                            canvas_size=tuple(images.shape[-2:]))
@@ -250,7 +250,7 @@ def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | Non
         coco = CocoEvaluator(instances_json, things, iou_type="segm") if instances_json else None
         metrics = SegmentationMetrics(coco, PanopticEvaluator(view.categories), SemanticEvaluator(len(names)))
         for index, batch in enumerate(loader):
-            images = batch["images"].to(strategy.device, strategy.compute_dtype)
+            images = model_images(batch, strategy.device, strategy.compute_dtype)
             with strategy.autocast():
                 outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
             logits, masks = outputs["pred_logits"].float().cpu(), outputs["pred_masks"].float().cpu()
@@ -259,7 +259,7 @@ def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | Non
                 ids, segments = evaluate_image(metrics, view, logits[i], image_masks, int(target["image_id"]),
                                                focal, eval_cfg)
                 if index == 0 and i < eval_cfg.pictures and pictures_dir is not None and dist.is_main():
-                    draw_segments(batch["images"][i], target["size"], ids, segments, names,
+                    draw_segments(images[i], target["size"], ids, segments, names,
                                   pictures_dir / f"val_{i:02d}.png")
         result = metrics.summarize()
         return dist.broadcast_object(result) if dist.is_initialized() else result

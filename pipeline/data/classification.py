@@ -12,8 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import path_field
 from pipeline.data.collate import collate_classification
-from pipeline.data.decoding import decode_jpeg
+from pipeline.data.decoding import open_image
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.eval_stream import EvalLoader, build_split_loader
 from pipeline.data.shards import load_shard_info
@@ -25,8 +26,9 @@ from pipeline.data.transforms import ClassificationAugment, ClassificationEval
 class ClassificationDataConfig:
     """Where the classification shards are and how to batch and augment them."""
 
-    # Shard set root holding one folder per split (e.g. "data/samples/classify").
-    shards: str
+    # Shard set root holding one folder per split (e.g. "data/samples/classify"); relative to the
+    # file that names it.
+    shards: str = path_field()
     # Images per batch on each rank.
     batch_size: int = 32
     # DataLoader worker processes per rank (0 = decode in the training process).
@@ -71,7 +73,7 @@ class ClassificationDataConfig:
 
 @dataclass(frozen=True)
 class ClassificationDecoder:
-    """Raw shard sample -> (image (3, S, S) normalised, label); picklable for workers."""
+    """Raw shard sample -> (image (3, S, S) uint8, label); picklable for workers."""
 
     num_classes: int
     transform: ClassificationAugment | ClassificationEval
@@ -84,7 +86,11 @@ class ClassificationDecoder:
             raise SkipSample("bad_label", f"{key}: {exn}") from exn
         if not 0 <= label < self.num_classes:
             raise SkipSample("bad_label", f"{key}: label {label} not in [0, {self.num_classes})")
-        return self.transform(decode_jpeg(raw.get("jpg"), key), rng), label
+        image = open_image(raw.get("jpg"), key)  # decoded by the transform, at its scale
+        try:
+            return self.transform(image, rng), label
+        except SkipSample as skip:
+            raise SkipSample(skip.reason, f"{key}: {skip.detail}") from skip
 
 
 def build_classification_loader(

@@ -1,5 +1,10 @@
 """Decoding raw shard samples: JPEG bytes -> PIL image, COCO json -> a detection target.
 
+The loaders open an image lazily (:func:`open_image`: header only) and decode it once the
+transform knows which region it needs at which output size (:func:`decode_region`): JPEG's DCT
+can decode at 1/2, 1/4 or 1/8 scale for a fraction of the full cost (libjpeg's draft mode),
+which is most of a loader's time when the output is much smaller than the stored image.
+
 Problems with a whole sample raise :class:`SkipSample` (the loaders count and skip it);
 problems with one annotation drop that annotation and are counted in the given counter.
 """
@@ -26,6 +31,49 @@ def decode_jpeg(data: bytes | None, key: str) -> Image.Image:
             return image.convert("RGB")  # convert() loads fully, so truncation shows here
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exn:
         raise SkipSample("corrupt_image", f"{key}: {exn}") from exn
+
+
+def open_image(data: bytes | None, key: str) -> Image.Image:
+    """Image bytes -> a PIL image with only its header read (size known, pixels not decoded)."""
+    if data is None:
+        raise SkipSample("incomplete_sample", f"{key}: no image member")
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exn:
+        raise SkipSample("corrupt_image", f"{key}: {exn}") from exn
+
+
+def draft_scale(region: tuple[float, float, float, float], out_w: int, out_h: int) -> int:
+    """The largest DCT reduction (1, 2, 4, 8) that keeps ``region`` >= ``out_w`` x ``out_h`` pixels."""
+    x0, y0, x1, y1 = region
+    reduce = min((x1 - x0) / max(out_w, 1), (y1 - y0) / max(out_h, 1))
+    return next(s for s in (8, 4, 2, 1) if s <= reduce or s == 1)
+
+
+def decode_region(
+    image: Image.Image, region: tuple[float, float, float, float], out_w: int, out_h: int
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode ``image`` (lazy or loaded) to RGB at the reduced DCT scale that ``region`` allows.
+
+    ``region`` is (x0, y0, x1, y1) in pixels of the full-size image, to be resampled to
+    (out_w, out_h). Returns the RGB image and the same region in ITS pixels (divided by the
+    scale libjpeg applied: drafted pixel i covers full-size pixels [i*s, (i+1)*s)). Images that
+    are not unloaded JPEGs are decoded at full size. SkipSample("corrupt_image") if unreadable.
+    """
+    scale = 1.0
+    wanted = draft_scale(region, out_w, out_h)
+    unloaded = bool(getattr(image, "tile", None))  # a lazily opened file still has its tiles
+    if wanted > 1 and unloaded and image.format == "JPEG":
+        width, height = image.size
+        drafted = image.draft("RGB", (max(1, width // wanted), max(1, height // wanted)))
+        if drafted is not None:
+            scale = width / drafted[1][2]
+    try:
+        # convert() loads fully, so truncation shows here
+        rgb = image if image.mode == "RGB" and not unloaded else image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exn:
+        raise SkipSample("corrupt_image", str(exn)) from exn
+    return rgb, tuple(float(v) / scale for v in region)
 
 
 def decode_json(data: bytes | None, key: str) -> dict:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from pipeline.config import path_field
 from pipeline.data.categories import CategoryMap
 from pipeline.data.collate import collate_detection
-from pipeline.data.decoding import coco_target, decode_jpeg, decode_json
-from pipeline.data.errors import DataError
+from pipeline.data.decoding import coco_target, decode_json, open_image
+from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.eval_stream import EvalLoader, build_split_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.data.stream import TrainLoader
@@ -31,8 +32,9 @@ from pipeline.data.transforms import DetectionAugment, DetectionEval, to_model_i
 class DetectionDataConfig:
     """Where the detection shards are and how to batch and augment them."""
 
-    # Shard set root holding one folder per split (e.g. "data/samples/detect").
-    shards: str
+    # Shard set root holding one folder per split (e.g. "data/samples/detect"); relative to the
+    # file that names it.
+    shards: str = path_field()
     # Images per batch on each rank.
     batch_size: int = 2
     # DataLoader worker processes per rank (0 = decode in the training process).
@@ -117,7 +119,7 @@ def build_detection_transform(
 
 @dataclass(frozen=True)
 class DetectionDecoder:
-    """Raw shard sample -> (image (3, H, W) normalised, target); picklable for workers."""
+    """Raw shard sample -> (image (3, H, W) uint8, target); picklable for workers."""
 
     label_of: dict[int, int]
     transform: DetectionAugment | DetectionEval
@@ -126,9 +128,12 @@ class DetectionDecoder:
     def __call__(self, raw: dict, rng: random.Random | None, dropped: Counter):
         key = raw.get("__key__", "?")
         record = decode_json(raw.get("json"), key)
-        image = decode_jpeg(raw.get("jpg"), key)
+        image = open_image(raw.get("jpg"), key)  # decoded by the transform, at its scale
         target = coco_target(record, image.size, self.label_of, self.with_masks, dropped)
-        image, target = self.transform(image, target, rng)
+        try:
+            image, target = self.transform(image, target, rng)
+        except SkipSample as skip:
+            raise SkipSample(skip.reason, f"{key}: {skip.detail}") from skip
         return to_model_inputs(image, target)
 
 

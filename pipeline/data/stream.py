@@ -264,6 +264,20 @@ class LoaderBase:
         return CategoryMap(self.info.categories)
 
 
+def _worker_init(_worker_id: int) -> None:
+    """One torch thread per loader worker: workers are processes already, and a worker's torch
+    ops are small; more threads per worker only oversubscribe the cores the trainer needs."""
+    torch.set_num_threads(1)
+
+
+def pin_images(batch):
+    """``batch["images"]`` in page-locked memory when CUDA is present, so that the copy to the
+    GPU (``.to(device, non_blocking=True)``) overlaps compute; unchanged otherwise."""
+    if torch.cuda.is_available() and isinstance(batch, dict) and "images" in batch:
+        return dict(batch, images=batch["images"].pin_memory())
+    return batch
+
+
 def make_data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     """A DataLoader over an iterable of ready batches, with forked workers where possible.
 
@@ -281,6 +295,7 @@ def make_data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
         num_workers=num_workers,
         prefetch_factor=2,
         multiprocessing_context=context,
+        worker_init_fn=_worker_init,
     )
 
 
@@ -349,7 +364,7 @@ class TrainLoader(LoaderBase):
                 self.positions[item["stream"]] = item["position"]
                 self.batches_in_epoch += 1
                 self.skipped.update(item["skipped"])
-                yield NumpyTransfer.unpack(item["batch"])
+                yield pin_images(NumpyTransfer.unpack(item["batch"]))
         finally:
             del batches  # shuts the workers down now, also when the consumer stops early
         self._roll_epoch_if_done()

@@ -5,8 +5,14 @@ so that a sample's augmentation is a pure function of its seed (what makes loade
 
 During augmentation a detection target holds ``boxes`` (n, 4) float xyxy in pixels of the
 current image, ``labels`` (n,) int64, optional ``masks`` (n, H, W) bool, and ``size`` (2,) int64
-(h, w). :func:`to_model_inputs` turns it into the batch convention: image (3, H, W) float
-normalised with ImageNet mean/std, boxes (n, 4) cx, cy, w, h normalised to [0, 1].
+(h, w). :func:`to_model_inputs` turns it into the batch convention: image (3, H, W) uint8 RGB,
+boxes (n, 4) cx, cy, w, h normalised to [0, 1].
+
+Images may arrive lazily opened (:func:`pipeline.data.decoding.open_image`): every transform
+decodes them once, at the reduced JPEG scale its crop allows (:func:`decode_region`), with one
+resampling per sample. Images cross the loader pipe as uint8 (a quarter of float32's bytes, no
+per-pixel work in the workers); :func:`normalize_images` turns a batch into the model's input
+(float, ImageNet mean/std, padding 0) on the training device.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from pipeline.data.decoding import decode_region
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,14 +62,11 @@ def _sample_masks(masks: Tensor, region: Sequence[float], out_w: int, out_h: int
     )
 
 
-def resample(
-    image: Image.Image, target: Target, region: Sequence[float], out_w: int, out_h: int
-) -> tuple:
-    """Crop ``region`` (x0, y0, x1, y1, pixels, may be fractional) and resize it to (out_w, out_h).
+def resample_target(target: Target, region: Sequence[float], out_w: int, out_h: int) -> Target:
+    """The target of ``region`` (x0, y0, x1, y1, pixels) resized to (out_w, out_h).
 
-    One resampling of the image (bilinear) and of the masks (nearest), however many resizes and
-    crops it stands for: repeated resampling would drift masks away from boxes. Boxes are
-    clipped to the region; objects left without area (or, with masks, without pixels) are dropped.
+    Boxes are clipped to the region; objects left without area (or, with masks, without pixels)
+    are dropped. Masks are sampled once (nearest) on the output pixel centres.
     """
     # numpy on the small box arrays: single-threaded (see _sample_masks).
     x0, y0, x1, y1 = (float(v) for v in region)
@@ -79,7 +84,35 @@ def resample(
     for key in ("boxes", "labels", "masks", "area", "iscrowd"):
         if key in target:
             target[key] = torch.from_numpy(np.ascontiguousarray(target[key].numpy()[keep]))
-    return image.resize((out_w, out_h), Image.BILINEAR, box=tuple(float(v) for v in region)), target
+    return target
+
+
+def resample_image(
+    image: Image.Image, region: Sequence[float], out_w: int, out_h: int, flip: bool = False
+) -> Image.Image:
+    """Decode (at the reduced scale ``region`` allows) and resize ``region`` to (out_w, out_h).
+
+    ``flip``: ``region`` is given in the mirrored image, and the output is mirrored: the same
+    pixels as flipping first, without decoding or flipping the full-size image.
+    """
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if flip:
+        x0, x1 = image.width - x1, image.width - x0
+    pixels, box = decode_region(image, (x0, y0, x1, y1), out_w, out_h)
+    out = pixels.resize((out_w, out_h), Image.BILINEAR, box=box)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+
+
+def resample(
+    image: Image.Image, target: Target, region: Sequence[float], out_w: int, out_h: int
+) -> tuple:
+    """Crop ``region`` (x0, y0, x1, y1, pixels, may be fractional) and resize it to (out_w, out_h).
+
+    One resampling of the image (bilinear) and of the masks (nearest), however many resizes and
+    crops it stands for: repeated resampling would drift masks away from boxes. Boxes are
+    clipped to the region; objects left without area (or, with masks, without pixels) are dropped.
+    """
+    return resample_image(image, region, out_w, out_h), resample_target(target, region, out_w, out_h)
 
 
 def resize(image: Image.Image, target: Target, size: int, max_size: int | None) -> tuple:
@@ -93,16 +126,21 @@ def crop(image: Image.Image, target: Target, top: int, left: int, height: int, w
     return resample(image, target, (left, top, left + width, top + height), width, height)
 
 
-def hflip(image: Image.Image, target: Target) -> tuple:
-    """Mirror left-right: x0' = W - x1, x1' = W - x0; masks flipped."""
+def hflip_target(target: Target, width: int) -> Target:
+    """Mirror a target left-right in an image ``width`` wide: x0' = W - x1, x1' = W - x0."""
     boxes = target["boxes"].numpy().reshape(-1, 4)[:, [2, 1, 0, 3]] * np.array(
         [-1, 1, -1, 1], np.float32
     )
-    boxes += np.array([image.width, 0, image.width, 0], np.float32)
+    boxes += np.array([width, 0, width, 0], np.float32)
     target = dict(target, boxes=torch.from_numpy(boxes))
     if "masks" in target:
         target["masks"] = torch.from_numpy(np.ascontiguousarray(target["masks"].numpy()[..., ::-1]))
-    return image.transpose(Image.FLIP_LEFT_RIGHT), target
+    return target
+
+
+def hflip(image: Image.Image, target: Target) -> tuple:
+    """Mirror left-right: x0' = W - x1, x1' = W - x0; masks flipped."""
+    return image.transpose(Image.FLIP_LEFT_RIGHT), hflip_target(target, image.width)
 
 
 def random_size_crop_region(
@@ -132,8 +170,10 @@ class DetectionAugment:
     flip_prob: float = 0.5
 
     def __call__(self, image: Image.Image, target: Target, rng: random.Random) -> tuple:
-        if rng.random() < self.flip_prob:
-            image, target = hflip(image, target)
+        # The flip is applied to the target now and to the pixels in the one resampling below.
+        flip = rng.random() < self.flip_prob
+        if flip:
+            target = hflip_target(target, image.width)
         region = (0.0, 0.0, float(image.width), float(image.height))
         if rng.random() < self.crop_prob:
             # Resize -> crop -> resize, composed into one crop region of the original image.
@@ -148,7 +188,8 @@ class DetectionAugment:
         else:
             crop_w, crop_h = image.width, image.height
         out_w, out_h = scaled_size(crop_w, crop_h, rng.choice(list(self.scales)), self.max_size)
-        return resample(image, target, region, out_w, out_h)
+        pixels = resample_image(image, region, out_w, out_h, flip)
+        return pixels, resample_target(target, region, out_w, out_h)
 
 
 @dataclass(frozen=True)
@@ -175,8 +216,30 @@ def image_to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
 
+def image_to_uint8(image: Image.Image) -> Tensor:
+    """PIL RGB -> (3, H, W) uint8, a channels-first VIEW of the pixels (collate makes the copy)."""
+    pixels = np.array(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def normalize_images(images: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """(B, 3, H, W) uint8 RGB (any device) -> float32 normalised with the ImageNet mean and std.
+
+    Padded pixels (``padding_mask`` (B, H, W) True) become 0, the mean colour, as the loaders
+    padded normalised images before. Float input is taken as already normalised and returned.
+    """
+    if images.is_floating_point():
+        return images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).mul(255).view(1, 3, 1, 1)
+    inv_std = torch.tensor(IMAGENET_STD, device=images.device).mul(255).reciprocal().view(1, 3, 1, 1)
+    out = (images.float() - mean) * inv_std
+    if padding_mask is not None:
+        out = out.masked_fill(padding_mask.to(images.device).unsqueeze(1), 0.0)
+    return out
+
+
 def to_model_inputs(image: Image.Image, target: Target) -> tuple[Tensor, Target]:
-    """Final step: normalised image tensor and boxes as cx, cy, w, h in [0, 1] of the image.
+    """Final step: uint8 image tensor and boxes as cx, cy, w, h in [0, 1] of the image.
 
     (The same conversion as ``pipeline.boxes.box_xyxy_to_cxcywh``, in numpy: see _sample_masks.)
     """
@@ -186,7 +249,7 @@ def to_model_inputs(image: Image.Image, target: Target) -> tuple[Tensor, Target]
         [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height], 1
     )
     boxes = torch.from_numpy(boxes.clip(0, 1).astype(np.float32).reshape(-1, 4))
-    return image_to_tensor(image), dict(target, boxes=boxes)
+    return image_to_uint8(image), dict(target, boxes=boxes)
 
 
 @dataclass(frozen=True)
@@ -215,11 +278,12 @@ class ClassificationAugment:
         return 0, 0, width, height
 
     def __call__(self, image: Image.Image, rng: random.Random) -> Tensor:
+        """-> (3, size, size) uint8."""
         box = self.crop_box(image.width, image.height, rng)
-        image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        image = resample_image(image, box, self.size, self.size)
         if rng.random() < self.flip_prob:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return image_to_tensor(image)
+        return image_to_uint8(image)
 
 
 @dataclass(frozen=True)
@@ -230,9 +294,11 @@ class ClassificationEval:
     crop_fraction: float = 0.875
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
+        """-> (3, size, size) uint8; the resize and the centre crop as one resampling."""
         width, height = scaled_size(
             image.width, image.height, int(round(self.size / self.crop_fraction)), None
         )
-        image = image.resize((width, height), Image.BILINEAR)
         left, top = (width - self.size) // 2, (height - self.size) // 2
-        return image_to_tensor(image.crop((left, top, left + self.size, top + self.size)))
+        sx, sy = image.width / width, image.height / height
+        region = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        return image_to_uint8(resample_image(image, region, self.size, self.size))

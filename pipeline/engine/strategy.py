@@ -188,13 +188,13 @@ class SingleStrategy(Strategy):
 
     def __init__(self, cfg: StrategyConfig, model: nn.Module, optimizer_cfg: OptimizerConfig,
                  total_steps: int, device: torch.device,
-                 is_backbone: Callable[[str], bool] | None = None):
+                 group_of: Callable[[str], str] | None = None):
         self.cfg = cfg
         self.device = device
         self.precision = resolve_precision(cfg.precision, device)
         self.grad_accum_steps = cfg.grad_accum_steps
         self.module = model.to(device)
-        self.optimizer = build_optimizer(self.module, optimizer_cfg, is_backbone)
+        self.optimizer = build_optimizer(self.module, optimizer_cfg, group_of)
         self.scheduler = build_scheduler(self.optimizer, optimizer_cfg, total_steps)
         self.micro_steps = 0
 
@@ -279,7 +279,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, cfg: StrategyConfig, model: nn.Module, optimizer_cfg: OptimizerConfig,
                  micro_batch_size: int, env: dist.DistEnv, total_steps: int,
-                 is_backbone: Callable[[str], bool] | None = None):
+                 group_of: Callable[[str], str] | None = None):
         deepspeed = _import_deepspeed()
         self.cfg = cfg
         self.device = default_device(env)
@@ -290,7 +290,7 @@ class DeepSpeedStrategy(Strategy):
         self.config = deepspeed_config(cfg, micro_batch_size, env.world_size, self.precision,
                                        num_params)
         model = model.to(self.device)
-        optimizer = build_optimizer(model, optimizer_cfg, is_backbone)
+        optimizer = build_optimizer(model, optimizer_cfg, group_of)
         scheduler = build_scheduler(optimizer, optimizer_cfg, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
@@ -354,10 +354,10 @@ def build_strategy(
     dist_env: dist.DistEnv,
     *,
     total_steps: int,
-    is_backbone: Callable[[str], bool] | None = None,
+    group_of: Callable[[str], str] | None = None,
 ) -> Strategy:
     """The strategy for `cfg`. `total_steps` (optimizer steps) shapes the lr schedule;
-    `is_backbone(param_name)` picks the parameters trained at lr * backbone_lr_mult."""
+    `group_of(param_name)` names each parameter's lr group (see `optim.build_param_groups`)."""
     if cfg.kind == "single":
         if dist_env.is_distributed:
             raise ValueError(
@@ -365,6 +365,6 @@ def build_strategy(
                 f"has world_size {dist_env.world_size}; use kind=deepspeed"
             )
         return SingleStrategy(cfg, model, optimizer_cfg, total_steps, default_device(dist_env),
-                              is_backbone)
+                              group_of)
     return DeepSpeedStrategy(cfg, model, optimizer_cfg, micro_batch_size, dist_env,
-                             total_steps, is_backbone)
+                             total_steps, group_of)

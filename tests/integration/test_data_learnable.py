@@ -8,6 +8,7 @@ from torch import nn
 
 from pipeline.data.classification import ClassificationDataConfig, build_classification_loader
 from pipeline.data.samples import make_samples
+from pipeline.data.transforms import normalize_images
 
 
 def _small_cnn(num_classes: int) -> nn.Module:
@@ -30,7 +31,7 @@ def _accuracy(predict, loader) -> float:
     correct = total = 0
     with torch.no_grad():
         for batch in loader:
-            correct += (predict(batch["images"]) == batch["labels"]).sum().item()
+            correct += (predict(normalize_images(batch["images"])) == batch["labels"]).sum().item()
             total += len(batch["labels"])
     return correct / total
 
@@ -52,7 +53,7 @@ def test_classify_samples_need_shape_and_texture(tmp_path):
     for _ in range(6):
         model.train()
         for batch in train:
-            loss = nn.functional.cross_entropy(model(batch["images"]), batch["labels"])
+            loss = nn.functional.cross_entropy(model(normalize_images(batch["images"])), batch["labels"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -61,7 +62,7 @@ def test_classify_samples_need_shape_and_texture(tmp_path):
     # Nearest class mean of the mean colour: colours are random per image, so near chance (1/12).
     sums, counts = torch.zeros(12, 3), torch.zeros(12)
     for batch in train:
-        sums.index_add_(0, batch["labels"], batch["images"].mean((2, 3)))
+        sums.index_add_(0, batch["labels"], normalize_images(batch["images"]).mean((2, 3)))
         counts += torch.bincount(batch["labels"], minlength=12)
     means = sums / counts[:, None]
     colour = _accuracy(lambda images: torch.cdist(images.mean((2, 3)), means).argmin(1), val)

@@ -68,8 +68,9 @@ def test_batches_follow_the_convention(samples):
     batch = next(iter(build_detection_loader(_detect_cfg(samples / "detect"), "train")))
     images, padding = batch["images"], batch["padding_mask"]
     assert (
-        images.dtype == torch.float32 and images.shape[:2] == (2, 3) and padding.dtype == torch.bool
+        images.dtype == torch.uint8 and images.shape[:2] == (2, 3) and padding.dtype == torch.bool
     )
+    assert images[padding[:, None].expand_as(images)].eq(0).all()  # padding is 0
     for i, target in enumerate(batch["targets"]):
         h, w = target["size"].tolist()
         assert not padding[i, :h, :w].any() and padding[i].sum() == padding[i].numel() - h * w

@@ -21,6 +21,7 @@ from pipeline.data.transforms import (
     DetectionEval,
     crop,
     hflip,
+    normalize_images,
     resize,
     scaled_size,
     to_model_inputs,
@@ -133,8 +134,8 @@ def test_eval_transform_is_deterministic_and_model_inputs_are_normalised():
     target = {"boxes": torch.tensor([[0.0, 0.0, 40.0, 20.0]]), "labels": torch.tensor([1])}
     a = to_model_inputs(*DetectionEval(20, 100)(image, target))
     b = to_model_inputs(*DetectionEval(20, 100)(image, target))
-    assert a[0].shape == (3, 20, 40) and torch.equal(a[0], b[0])
-    assert a[0].abs().max() < 0.02  # the mean colour normalises to ~0
+    assert a[0].shape == (3, 20, 40) and a[0].dtype == torch.uint8 and torch.equal(a[0], b[0])
+    assert normalize_images(a[0][None]).abs().max() < 0.02  # the mean colour normalises to ~0
     torch.testing.assert_close(
         box_cxcywh_to_xyxy(a[1]["boxes"]), torch.tensor([[0.0, 0.0, 0.5, 0.5]])
     )
@@ -158,7 +159,7 @@ def test_same_seed_same_augmentation_different_seed_differs():
 def test_classification_transforms_shapes():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
     out = ClassificationAugment(32)(image, random.Random(0))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
     assert ClassificationEval(32)(image).shape == (3, 32, 32)
     left, top, right, bottom = ClassificationAugment(32, scale=(0.5, 0.5), ratio=(1, 1)).crop_box(
         100, 100, random.Random(0)
