@@ -1,4 +1,9 @@
-"""AdamW with parameter groups (backbone lr multiplier, no decay on norms, biases, embeddings)."""
+"""AdamW with parameter groups: an lr multiplier per group the model names (pretrained backbone,
+deformable attention's linear projections), no decay on norms, biases and embeddings.
+
+The model decides which group each parameter belongs to (``group_of(name)``, e.g. a detector's
+``param_group``); this module only turns group names into learning rates.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ class OptimizerConfig:
     weight_decay: float = 1e-4  # decoupled weight decay on weight matrices / conv kernels
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
     eps: float = 1e-8  # Adam's denominator epsilon
-    backbone_lr_mult: float = 0.1  # lr multiplier of parameters the stage marks as backbone
+    backbone_lr_mult: float = 0.1  # lr multiplier of the "backbone" group (pretrained body)
+    linear_proj_lr_mult: float = 0.1  # lr multiplier of the "linear_proj" group (Deformable DETR's
+    # sampling offsets and reference points: lr_linear_proj_mult)
     schedule: str = "cosine"  # "cosine" | "step" | "constant", after linear warmup
     warmup_steps: int = 0  # optimizer steps of linear warmup
     milestones: list[int] = field(default_factory=list)  # "step" schedule: steps where lr *= gamma
@@ -42,8 +49,9 @@ class OptimizerConfig:
             raise ValueError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {self.betas}")
-        if self.backbone_lr_mult < 0:
-            raise ValueError(f"{where}: backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+        for name in ("backbone_lr_mult", "linear_proj_lr_mult"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"{where}: schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.warmup_steps < 0:
@@ -52,6 +60,11 @@ class OptimizerConfig:
             raise ValueError(f"{where}: milestones must be increasing, got {self.milestones}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{where}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_mults(self) -> dict[str, float]:
+        """lr multiplier of each parameter group name a model may return."""
+        return {"default": 1.0, "linear_proj": self.linear_proj_lr_mult,
+                "backbone": self.backbone_lr_mult}
 
     def schedule_kwargs(self) -> dict:
         """The arguments of `schedule.lr_factor` taken from this config."""
@@ -77,23 +90,30 @@ def _owner_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def build_param_groups(
-    model: nn.Module, cfg: OptimizerConfig, is_backbone: Callable[[str], bool] | None = None
+    model: nn.Module, cfg: OptimizerConfig, group_of: Callable[[str], str] | None = None
 ) -> list[dict]:
-    """Up to four groups: (backbone or not) x (decay or not); frozen parameters are left out.
+    """One group per (group name, decay or not); frozen parameters are left out.
 
-    Each group carries "name" and "param_names" for logging and tests; torch ignores extra keys.
+    ``group_of(param_name)`` is "default", "linear_proj" or "backbone" (None: all "default"); a
+    group's lr is ``cfg.lr`` times its multiplier. Each group carries "name" (e.g.
+    "backbone_decay") and "param_names" for logging and tests; torch ignores extra keys.
     """
+    mults = cfg.lr_mults()
+    order = list(mults)
     owners = _owner_modules(model)
-    groups: dict[tuple[bool, bool], dict] = {}
+    groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        backbone = bool(is_backbone and is_backbone(name))
+        group_name = group_of(name) if group_of is not None else "default"
+        if group_name not in mults:
+            raise ValueError(f"engine/optim.py: parameter {name!r} is in group {group_name!r}; "
+                             f"the model's param_group must return one of {order}")
         decay = _decays(owners, name, param)
-        group = groups.setdefault((backbone, decay), {
-            "name": f"{'backbone' if backbone else 'rest'}_{'decay' if decay else 'no_decay'}",
+        group = groups.setdefault((order.index(group_name), decay), {
+            "name": f"{group_name}_{'decay' if decay else 'no_decay'}",
             "params": [], "param_names": [],
-            "lr": cfg.lr * (cfg.backbone_lr_mult if backbone else 1.0),
+            "lr": cfg.lr * mults[group_name],
             "weight_decay": cfg.weight_decay if decay else 0.0,
         })
         group["params"].append(param)
@@ -104,10 +124,10 @@ def build_param_groups(
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimizerConfig, is_backbone: Callable[[str], bool] | None = None
+    model: nn.Module, cfg: OptimizerConfig, group_of: Callable[[str], str] | None = None
 ) -> torch.optim.AdamW:
     """torch-native AdamW (no compiled ops, so it runs under DeepSpeed on CPU too)."""
-    groups = build_param_groups(model, cfg, is_backbone)
+    groups = build_param_groups(model, cfg, group_of)
     # foreach=False: the same numerics whatever the grouping (ZeRO regroups parameters).
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, foreach=False)

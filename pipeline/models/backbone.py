@@ -163,6 +163,12 @@ class Backbone(nn.Module):
         self.strides = list(self.cfg.out_strides)
         return select
 
+    def param_group(self, name: str) -> str:
+        """Optimiser group of parameter ``name`` (relative to this module): "backbone" for the
+        body, which takes pretrained weights; "default" for layers initialised here (the ViT
+        pyramid), which must learn at the full lr."""
+        return "backbone" if name.startswith("body.") else "default"
+
     def set_frozen(self, frozen: bool) -> None:
         """Freeze (True) or release the whole backbone; the training step calls it for freeze_steps.
 

@@ -108,24 +108,20 @@ class DetectorBase(nn.Module):
     """What both detectors share: parameter groups for the optimiser, class head reset."""
 
     backbone: Backbone
-    # substrings of parameter names trained at a reduced lr in Deformable DETR (lr_linear_proj_mult)
+    # substrings of parameter names trained at a reduced lr in Deformable DETR (its
+    # lr_linear_proj_names): the sampling-offset and reference-point projections
     linear_proj_names = ("reference_points", "sampling_offsets")
 
-    def param_groups_hint(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters split as the papers train them: "backbone" (lower lr),
-        "linear_proj" (sampling offsets and reference points, lr x 0.1 in Deformable DETR) and
-        "default" (everything else)."""
-        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "linear_proj": [], "default": []}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith("backbone.body."):
-                groups["backbone"].append(param)
-            elif any(key in name for key in self.linear_proj_names):
-                groups["linear_proj"].append(param)
-            else:
-                groups["default"].append(param)
-        return groups
+    def param_group(self, name: str) -> str:
+        """Optimiser group of parameter ``name``: "backbone" (the pretrained body, lr x
+        backbone_lr_mult), "linear_proj" (sampling offsets and reference points, lr x
+        linear_proj_lr_mult as in Deformable DETR) or "default" (everything else, new layers
+        of the backbone such as a ViT's feature pyramid included)."""
+        if name.startswith("backbone."):
+            return self.backbone.param_group(name.removeprefix("backbone."))
+        if any(key in name for key in self.linear_proj_names):
+            return "linear_proj"
+        return "default"
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         """Freeze the whole backbone (``BackboneConfig.freeze_steps``); see ``Backbone.set_frozen``."""

@@ -161,7 +161,7 @@ def main() -> None:
 
     def make_strategy(model):
         return build_strategy(strategy_cfg, model, optimizer_cfg, MICRO_BATCH, env,
-                              total_steps=args.max_steps, is_backbone=lambda n: n.startswith("0."))
+                              total_steps=args.max_steps, group_of=lambda n: "backbone" if n.startswith("0.") else "default")
 
     model = make_model()
     torch.manual_seed(1234 + env.rank)  # dropout masks differ per rank, as in real training

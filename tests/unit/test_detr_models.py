@@ -142,15 +142,14 @@ def test_reset_class_head_for_new_class_count(variant):
     assert out["pred_logits"].shape[-1] == 7 + (1 if variant == "detr" else 0)
 
 
-def test_param_groups_cover_trainable_parameters_once():
+def test_param_group_names_body_linear_proj_and_default():
     model = build_detector(tiny_config(backbone=BackboneConfig(name="resnet18", frozen_stages=1)))
-    groups = model.param_groups_hint()
-    grouped = [id(p) for params in groups.values() for p in params]
-    trainable = [id(p) for p in model.parameters() if p.requires_grad]
-    assert sorted(grouped) == sorted(trainable)
-    backbone_ids = {id(p) for p in model.backbone.body.parameters()}
-    assert {id(p) for p in groups["backbone"]} <= backbone_ids and groups["backbone"]
-    assert groups["linear_proj"] and all(p.shape[0] in (2, 4 * 4 * 2 * 2) for p in groups["linear_proj"])
+    groups = {name: model.param_group(name) for name, _ in model.named_parameters()}
+    assert set(groups.values()) == {"backbone", "linear_proj", "default"}
+    body = {f"backbone.{name}" for name, _ in model.backbone.named_parameters()}
+    assert {name for name, group in groups.items() if group == "backbone"} == body
+    linear_proj = [p for name, p in model.named_parameters() if groups[name] == "linear_proj"]
+    assert linear_proj and all(p.shape[0] in (2, 4 * 4 * 2 * 2) for p in linear_proj)
 
 
 def test_extra_levels_are_stride_two_projections():

@@ -75,7 +75,10 @@ def test_tiny_deformable_detr_overfits_two_images():
     images, mask, targets, coco = synthetic_batch()
     model = tiny_deformable_detr().train()
     criterion = SetCriterion(num_classes=2, matcher=HungarianMatcher(focal=True), focal=True, focal_alpha=0.25)
-    groups = model.param_groups_hint()
+    groups = {"backbone": [], "linear_proj": [], "default": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[model.param_group(name)].append(param)
     optimizer = torch.optim.AdamW(
         [{"params": groups["backbone"], "lr": 2e-4}, {"params": groups["linear_proj"], "lr": 1e-4},
          {"params": groups["default"], "lr": 1e-3}],

@@ -89,7 +89,10 @@ def test_tiny_segmenter_overfits_two_images_to_pq_above_0_8():
     criterion = SetCriterion(num_classes=4, matcher=HungarianMatcher(focal=True), focal=True,
                              mask_loss=MaskLossConfig(num_points=256))
     weights = LossWeights(ce=2.0, bbox=5.0, giou=2.0, mask=5.0, dice=5.0)
-    groups = model.param_groups_hint()
+    groups = {"backbone": [], "linear_proj": [], "default": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[model.param_group(name)].append(param)
     optimizer = torch.optim.AdamW(
         [{"params": groups["backbone"], "lr": 2e-4}, {"params": groups["linear_proj"], "lr": 1e-4},
          {"params": groups["default"], "lr": 1e-3}], weight_decay=1e-4,
