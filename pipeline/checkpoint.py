@@ -1,99 +1,69 @@
-"""The run folder, crash-safe checkpoints and the resume order.
-
-Run folder (one per stage run)::
-
-    config.yaml  checkpoints/step_<N>/  latest  export/  DONE.json  logs/
+"""Crash-safe checkpoints of a run folder and the resume order.
 
 A save writes `checkpoints/step_<N>/` on every rank (strategy shards + client state), waits for
 all ranks, fsyncs, drops a COMPLETE marker, and only then replaces `latest` atomically. A kill at
 any moment therefore leaves `latest` naming a complete folder; a half-written newer folder is
 removed on the next start.
 
-The client state holds what the strategy does not: TrainState, the RNG states of every rank, the
-data position of every rank and the callbacks' state (the tracker run id rides in
-TrainState.extra).
+The client state holds what the strategy does not: the progress (TrainState), the RNG states of
+every rank, the data position of every rank and the state of named stateful objects (the
+engine's callbacks), keyed by name as torchtitan's checkpointer keys its state: a callback added
+or removed since the save is reported, never given another one's state. The tracker run id
+rides in the progress' `extra`.
+
+This module knows the engine only through the small protocols below (no import of
+`pipeline.engine`): anything with `state_dict()`/`load_state_dict()` can be checkpointed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.engine.callbacks import Callback, callbacks_state, load_callbacks_state
-from pipeline.engine.state import TrainState
 from pipeline.export import LoadReport, fsync_dir, load_export, load_partial, write_atomic_bytes
+from pipeline.run_folder import COMPLETE_MARKER, CheckpointError, RunFolder, step_of
 
-COMPLETE_MARKER = "COMPLETE"
+__all__ = ["COMPLETE_MARKER", "CheckpointError", "Checkpointer", "ResumeOutcome", "RunFolder",
+           "Stateful", "capture_rng", "load_checkpoint", "load_named_state", "prune_checkpoints",
+           "remove_incomplete", "restore_rng", "resume", "save_checkpoint"]
+
+log = logging.getLogger(__name__)
 CLIENT_KEY = "detrforge"  # DeepSpeed merges client state into its own dict: one key of ours
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+NAMED_KEY = "stateful"  # client state: {name: state_dict()} of the named stateful objects
+_LEGACY_LIST_KEY = "callbacks"  # older checkpoints: callback states by list position
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or resumed."""
+class Stateful(Protocol):
+    """Anything whose state a checkpoint keeps (callbacks, loaders, the progress)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class RunFolder:
-    """Paths of one stage run (see the module docstring)."""
+class Progress(Stateful, Protocol):
+    """The loop's progress (engine.state.TrainState): the step names the checkpoint folder."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.config_path = self.root / "config.yaml"
-        self.checkpoints_dir = self.root / "checkpoints"
-        self.latest_path = self.root / "latest"
-        self.export_dir = self.root / "export"
-        self.done_path = self.root / "DONE.json"
-        self.logs_dir = self.root / "logs"
-
-    def create(self) -> RunFolder:
-        """Make the folders (idempotent)."""
-        for folder in (self.checkpoints_dir, self.export_dir, self.logs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        return self
-
-    def step_dir(self, step: int) -> Path:
-        """checkpoints/step_<step>/"""
-        return self.checkpoints_dir / f"step_{step}"
-
-    def latest_dir(self) -> Path | None:
-        """The folder `latest` names, or None when there is no usable checkpoint."""
-        if not self.latest_path.is_file():
-            return None
-        name = self.latest_path.read_text().strip()
-        directory = self.checkpoints_dir / name
-        if not _STEP_DIR.match(name) or not (directory / COMPLETE_MARKER).is_file():
-            raise CheckpointError(
-                f"checkpoint.py: {self.latest_path} names {name!r}, which is not a complete "
-                "checkpoint folder; the run folder was edited by hand. Delete `latest` to "
-                "start from scratch"
-            )
-        return directory
-
-    def latest_step(self) -> int | None:
-        """Step of the latest checkpoint, or None."""
-        directory = self.latest_dir()
-        return None if directory is None else _step_of(directory)
-
-    def step_dirs(self) -> list[Path]:
-        """checkpoints/step_*/ folders, oldest first (complete or not)."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        found = [p for p in self.checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-        return sorted(found, key=_step_of)
+    step: int
 
 
-def _step_of(directory: Path) -> int:
-    return int(_STEP_DIR.match(directory.name).group(1))
+class ShardedState(Protocol):
+    """What a strategy offers the checkpoint: model, optimizer and schedule (sharded or not)."""
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None: ...
+
+    def load(self, directory: Path) -> dict[str, Any]: ...
 
 
 # --- RNG -------------------------------------------------------------------------------------
@@ -125,7 +95,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 def _publish_latest(run: RunFolder, directory: Path) -> None:
     """Mark `directory` complete, then point `latest` at it (atomic, last)."""
-    (directory / COMPLETE_MARKER).write_text(f"{_step_of(directory)}\n")
+    (directory / COMPLETE_MARKER).write_text(f"{step_of(directory)}\n")
     fsync_dir(directory)
     write_atomic_bytes(run.latest_path, f"{directory.name}\n".encode())
 
@@ -155,7 +125,7 @@ def remove_incomplete(run: RunFolder) -> list[Path]:
     if dist.is_main():
         latest_step = run.latest_step()
         for directory in run.step_dirs():
-            newer = latest_step is None or _step_of(directory) > latest_step
+            newer = latest_step is None or step_of(directory) > latest_step
             if newer or not (directory / COMPLETE_MARKER).is_file():
                 shutil.rmtree(directory, ignore_errors=True)
                 removed.append(directory)
@@ -167,12 +137,24 @@ def _loader_state(loader: Any) -> Any:
     return loader.state_dict() if hasattr(loader, "state_dict") else None
 
 
-def save_checkpoint(run: RunFolder, strategy, state: TrainState, *, loader: Any = None,
-                    callbacks: Iterable[Callback] = (), keep_last: int = 3) -> Path:
+def _named_states(stateful: Mapping[str, Stateful]) -> dict[str, Any]:
+    if not isinstance(stateful, Mapping):
+        raise CheckpointError(
+            "checkpoint.py: stateful objects must be a mapping name -> object (e.g. "
+            f"engine.callbacks.stateful_callbacks(callbacks)), got {type(stateful).__name__}; "
+            "state kept by list position would be restored into the wrong object"
+        )
+    return {str(name): obj.state_dict() for name, obj in stateful.items()}
+
+
+def save_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
+                    loader: Any = None, stateful: Mapping[str, Stateful] | None = None,
+                    keep_last: int = 3) -> Path:
     """Checkpoint step `state.step`; every rank must call it. Returns the step folder.
 
-    A step that `latest` already names is not written twice (the periodic save and the stop
-    save may meet on one step).
+    `stateful` maps a stable name to each object whose state is kept (rank 0's is saved: the
+    objects must hold the same state on every rank). A step that `latest` already names is not
+    written twice (the periodic save and the stop save may meet on one step).
     """
     directory = run.step_dir(state.step)
     if run.latest_step() == state.step:
@@ -181,7 +163,7 @@ def save_checkpoint(run: RunFolder, strategy, state: TrainState, *, loader: Any 
         "train_state": state.state_dict(),
         "rng": dist.all_gather_object(capture_rng()),
         "loader": dist.all_gather_object(_loader_state(loader)),
-        "callbacks": callbacks_state(callbacks),
+        NAMED_KEY: _named_states(stateful or {}),
         "world_size": dist.get_world_size(),
     }
     if dist.is_main():
@@ -198,11 +180,67 @@ def save_checkpoint(run: RunFolder, strategy, state: TrainState, *, loader: Any 
     return directory
 
 
+class Checkpointer:
+    """Saves one run's state into its run folder: `save(state)` is what callbacks are handed.
+
+    It is built right after the strategy; the named stateful objects (callbacks, which need
+    `save` themselves) join with `track` once they exist, before the first save.
+    """
+
+    def __init__(self, run: RunFolder, strategy: ShardedState, *, loader: Any = None,
+                 keep_last: int = 3):
+        self.run, self.strategy, self.loader, self.keep_last = run, strategy, loader, keep_last
+        self.stateful: dict[str, Stateful] = {}
+
+    def track(self, stateful: Mapping[str, Stateful]) -> None:
+        """Keep the state of these named objects in every later checkpoint."""
+        taken = sorted(set(stateful) & set(self.stateful))
+        if taken:
+            raise CheckpointError(f"checkpoint.py: stateful names {taken} are already tracked")
+        self.stateful.update(stateful)
+
+    def save(self, state: Progress) -> Path:
+        """`save_checkpoint` of this run (every rank calls it)."""
+        return save_checkpoint(self.run, self.strategy, state, loader=self.loader,
+                               stateful=self.stateful, keep_last=self.keep_last)
+
+
 # --- resume ----------------------------------------------------------------------------------
 
-def load_checkpoint(run: RunFolder, strategy, state: TrainState, *, loader: Any = None,
-                    callbacks: Iterable[Callback] = ()) -> Path:
-    """Restore everything from `latest` (every rank calls it). Returns the folder loaded."""
+def load_named_state(stateful: Mapping[str, Stateful], saved: Mapping[str, Any],
+                     where: str | Path = "checkpoint") -> None:
+    """Give every named object the state saved under its name.
+
+    An object without saved state (added since the save) keeps its fresh state, and saved
+    state without an object (removed since) is ignored: both with a warning, never by
+    handing one object another's state.
+    """
+    for name, obj in stateful.items():
+        if name in saved:
+            obj.load_state_dict(saved[name])
+        else:
+            log.warning("checkpoint: %s holds no state for %r (added since it was saved); it "
+                        "starts fresh", where, name)
+    for name in sorted(set(saved) - set(stateful)):
+        log.warning("checkpoint: %s holds state for %r, which is not configured now; ignored",
+                    where, name)
+
+
+def _saved_named_state(client: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    if NAMED_KEY in client:
+        return dict(client[NAMED_KEY])
+    legacy = client.get(_LEGACY_LIST_KEY) or []
+    if any(legacy):  # positions cannot be matched to names safely
+        raise CheckpointError(
+            f"checkpoint.py: {directory} keeps callback state by list position (an older "
+            "detrforge); finish the run with that version, or delete `latest` to start over"
+        )
+    return {}
+
+
+def _load_client(run: RunFolder, strategy: ShardedState, state: Progress,
+                 loader: Any) -> tuple[Path, dict[str, Any]]:
+    """Strategy, progress, RNG and data position from `latest`; returns (folder, named state)."""
     directory = run.latest_dir()
     if directory is None:
         raise CheckpointError(f"checkpoint.py: no `latest` checkpoint in {run.root}")
@@ -219,7 +257,14 @@ def load_checkpoint(run: RunFolder, strategy, state: TrainState, *, loader: Any 
     restore_rng(client["rng"][rank])
     if loader is not None and client["loader"][rank] is not None:
         loader.load_state_dict(client["loader"][rank])
-    load_callbacks_state(callbacks, client["callbacks"])
+    return directory, _saved_named_state(client, directory)
+
+
+def load_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
+                    loader: Any = None, stateful: Mapping[str, Stateful] | None = None) -> Path:
+    """Restore everything from `latest` (every rank calls it). Returns the folder loaded."""
+    directory, saved = _load_client(run, strategy, state, loader)
+    load_named_state(stateful or {}, saved, directory)
     return directory
 
 
@@ -230,6 +275,7 @@ class ResumeOutcome:
     kind: str  # "resume" (own latest) | "init_from" (weights of an export) | "scratch"
     path: Path | None = None  # the checkpoint or export used
     report: LoadReport | None = None  # init_from: what was loaded
+    saved_state: dict[str, Any] = field(default_factory=dict, repr=False)  # resume: named state
 
     def __str__(self) -> str:
         if self.kind == "resume":
@@ -238,15 +284,22 @@ class ResumeOutcome:
             return f"initialised model weights from {self.path}: {self.report}"
         return "started from scratch"
 
+    def restore(self, stateful: Mapping[str, Stateful]) -> None:
+        """Hand the checkpoint's named state to objects built after `resume` (the callbacks,
+        which need the strategy and the tracker first). Nothing to do unless kind is "resume"."""
+        if self.kind == "resume":
+            load_named_state(stateful, self.saved_state, self.path)
+
 
 def resume(run: RunFolder, model: nn.Module, make_strategy: Callable[[nn.Module], Any],
-           state: TrainState, *, loader: Any = None, callbacks: Iterable[Callback] = (),
+           state: Progress, *, loader: Any = None, stateful: Mapping[str, Stateful] | None = None,
            init_from: str | Path | None = None,
            prefix_map: Mapping[str, str] | None = None) -> tuple[Any, ResumeOutcome]:
     """The resume order, in one place:
 
     1. the run folder has `latest` -> exact resume (model, optimizer, schedule, step, RNG,
-       data position, callbacks, tracker run id);
+       data position, tracker run id; named state now if `stateful` is given, else later
+       through `outcome.restore(...)`);
     2. else `init_from` (a path to an export; the stage layer resolves stage names and
        models:/ URIs) -> model weights only, partially, before the strategy wraps the model
        (ZeRO copies weights into its own buffers at wrap time);
@@ -259,12 +312,16 @@ def resume(run: RunFolder, model: nn.Module, make_strategy: Callable[[nn.Module]
     if latest is not None:
         strategy = make_strategy(model)
         remove_incomplete(run)
-        return strategy, ResumeOutcome("resume", load_checkpoint(
-            run, strategy, state, loader=loader, callbacks=callbacks))
+        directory, saved = _load_client(run, strategy, state, loader)
+        outcome = ResumeOutcome("resume", directory, saved_state=saved)
+        if stateful is not None:
+            outcome.restore(stateful)
+        return strategy, outcome
     outcome = ResumeOutcome("scratch")
     if init_from is not None:
         state_dict, _ = load_export(init_from)
-        outcome = ResumeOutcome("init_from", Path(init_from), load_partial(model, state_dict, prefix_map))
+        outcome = ResumeOutcome("init_from", Path(init_from),
+                                load_partial(model, state_dict, prefix_map))
     strategy = make_strategy(model)
     remove_incomplete(run)
     return strategy, outcome

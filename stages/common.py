@@ -2,9 +2,11 @@
 
 A stage module is wiring: it builds a model, a loader, a ten-line ``task_step`` and an
 ``evaluate`` function, and hands them to :func:`train_stage`, which owns the rest in the same
-order for every stage: distributed setup -> resolved config -> resume order (own ``latest``,
-else ``init_from``, else scratch) -> tracker (re-attached by run id) -> the engine's ``fit`` ->
-final evaluation -> export -> ``DONE.json`` -> registered model.
+order for every stage, each piece built after what it needs: distributed setup -> parts ->
+strategy through the resume order (own ``latest``, else ``init_from``, else scratch) ->
+resolved config with derived values -> tracker (re-attached by the run id the checkpoint kept)
+-> callbacks -> their checkpointed state, by name -> the engine's ``fit`` -> final evaluation
+-> export -> ``DONE.json`` -> registered model.
 """
 
 from __future__ import annotations
@@ -23,25 +25,28 @@ import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.checkpoint import RunFolder, resume, save_checkpoint
+from pipeline.checkpoint import Checkpointer, ResumeOutcome, resume
 from pipeline.config import config_hash, to_dict, write_resolved
 from pipeline.engine.callbacks import (
+    Callback,
     MetricLogger,
     NonFiniteGuard,
     PeriodicCheckpoint,
     PeriodicEval,
     ProgressBar,
+    SaveFn,
     StopOnRequest,
+    stateful_callbacks,
 )
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.state import TrainState
 from pipeline.engine.strategy import Strategy, StrategyConfig, build_strategy
 from pipeline.export import write_export
-from pipeline.tracking import TrackingConfig, build_tracker
+from pipeline.run_folder import RunFolder
+from pipeline.tracking import Tracker, TrackingConfig, build_tracker
 
 log = logging.getLogger("detrforge.stage")
-DONE_FILE = "DONE.json"
 
 
 class StageError(RuntimeError):
@@ -131,30 +136,29 @@ def seed_everything(seed: int) -> None:
 
 
 def read_done(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / DONE_FILE
+    """The DONE.json record of a finished stage, or None."""
+    path = RunFolder(run_dir).done_path
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _write_done(run_dir: Path, record: dict) -> None:
-    tmp = Path(run_dir) / (DONE_FILE + ".tmp")
+    path = RunFolder(run_dir).done_path
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(Path(run_dir) / DONE_FILE)
+    tmp.replace(path)
 
 
-def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, tracker, strategy_box,
-               save) -> list:
+def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strategy: Strategy,
+               tracker: Tracker, save: SaveFn) -> list[Callback]:
+    """The hooks, in the order they run at each step (evaluation before the step's save)."""
     stop = StopOnRequest(ctx.stop_file)
     stop.install_signal_handlers()
-    callbacks = [
-        MetricLogger(tracker, every_steps=train.log_every),
-        NonFiniteGuard(train.max_nonfinite_in_a_row, save=save),
-        PeriodicCheckpoint(save, train.checkpoint_every, at_end=True),
-        stop,
-    ]
+    callbacks: list[Callback] = [MetricLogger(tracker, every_steps=train.log_every)]
     if train.eval_every:
-        callbacks.insert(1, PeriodicEval(lambda state: _eval_and_log(parts, strategy_box[0],
-                                                                     tracker, state.step),
-                                         train.eval_every))
+        callbacks.append(PeriodicEval(
+            lambda state: _eval_and_log(parts, strategy, tracker, state.step), train.eval_every))
+    callbacks += [NonFiniteGuard(train.max_nonfinite_in_a_row, save=save),
+                  PeriodicCheckpoint(save, train.checkpoint_every, at_end=True), stop]
     if train.progress_bar and dist.is_main():
         callbacks.append(ProgressBar(train.max_steps, parts.images_per_step))
     return callbacks
@@ -193,50 +197,29 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
         dist.init_distributed(env)
     seed_everything(train.seed)
     run = RunFolder(ctx.run_dir)
-    if dist.is_main():
-        run.create()
-        if ctx.stop_file is not None:  # a request of an earlier attempt, already honoured
-            Path(ctx.stop_file).unlink(missing_ok=True)
-        write_resolved(cfg, run.root / "config.yaml", extra={"world_size": env.world_size,
-                                                             "inputs": inputs or {}})
-    dist.barrier()
+    _prepare_run_folder(ctx, run)
     parts = build_parts(env)
     state = TrainState()
-    strategy_box: list[Strategy] = []
-
-    def save(state_now: TrainState) -> None:
-        save_checkpoint(run, strategy_box[0], state_now, loader=parts.loader,
-                        callbacks=callbacks, keep_last=train.keep_last)
-
-    tracker_holder = _LazyTracker()
-    callbacks = _callbacks(ctx, train, parts, tracker_holder, strategy_box, save)
 
     def make_strategy(model: nn.Module) -> Strategy:
         return build_strategy(strategy_cfg, model, optim, parts.micro_batch_size, env,
                               total_steps=train.max_steps, group_of=parts.group_of)
 
     strategy, outcome = resume(run, parts.model, make_strategy, state, loader=parts.loader,
-                               callbacks=callbacks, init_from=parts.init_from,
-                               prefix_map=parts.prefix_map)
+                               init_from=parts.init_from, prefix_map=parts.prefix_map)
+    derived = derived_values(env, parts, strategy, inputs)
     if dist.is_main():
         print(f"[{ctx.stage}] {outcome}", flush=True)
-    tracker = build_tracker(tracking, ctx.workdir, env.rank, ctx.stage,
-                            parent_run_id=ctx.parent_run_id,
-                            resume_run_id=state.extra.get("tracker_run_id"), run_folder=run.root,
-                            tags={"detrforge.pipeline": ctx.pipeline, "detrforge.stage": ctx.stage,
-                                  "detrforge.config_hash": config_hash(cfg)})
-    tracker_holder.target = tracker
-    if dist.is_main():
-        state.extra["tracker_run_id"] = tracker.run_id
-        if outcome.kind != "resume":
-            tracker.log_params({**to_dict(cfg), "derived.world_size": env.world_size})
-            tracker.log_artifact(run.root / "config.yaml")
-
-    def step_fn(batch):
-        return parts.task_step(strategy, state, batch)
-
+        write_resolved(cfg, run.config_path, extra=derived)
+    tracker = _start_tracker(ctx, cfg, tracking, env, run, state, outcome, derived)
+    checkpointer = Checkpointer(run, strategy, loader=parts.loader, keep_last=train.keep_last)
+    callbacks = _callbacks(ctx, train, parts, strategy, tracker, checkpointer.save)
+    named = stateful_callbacks(callbacks)
+    checkpointer.track(named)
+    outcome.restore(named)
     try:
-        result = fit(step_fn, parts.loader, strategy, callbacks, state, train.max_steps, save=save)
+        result = fit(lambda batch: parts.task_step(strategy, state, batch), parts.loader,
+                     strategy, callbacks, state, train.max_steps, save=checkpointer.save)
     except BaseException:
         tracker.finish("FAILED")  # the checkpoints stay; a rerun resumes from `latest`
         raise
@@ -251,14 +234,44 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     return stage_result
 
 
-class _LazyTracker:
-    """Callbacks are built before the tracker (the run id comes from the resumed checkpoint)."""
+def _prepare_run_folder(ctx: StageContext, run: RunFolder) -> None:
+    """Rank 0 makes the folders and drops a stop request an earlier attempt already honoured."""
+    if dist.is_main():
+        run.create()
+        if ctx.stop_file is not None:
+            Path(ctx.stop_file).unlink(missing_ok=True)
+    dist.barrier()
 
-    target = None
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.target is not None:
-            self.target.log_metrics(metrics, step)
+def derived_values(env: dist.DistEnv, parts: StageParts, strategy: Strategy,
+                   inputs: dict[str, str] | None) -> dict[str, Any]:
+    """What the config implies but does not spell: written under config.yaml's `derived:`."""
+    return {
+        "world_size": env.world_size,
+        "micro_batch_size": parts.micro_batch_size,
+        "grad_accum_steps": strategy.grad_accum_steps,
+        "global_batch_size": parts.micro_batch_size * env.world_size * strategy.grad_accum_steps,
+        "param_groups": strategy.param_groups,
+        "deepspeed": strategy.deepspeed_config,
+        "inputs": inputs or {},
+    }
+
+
+def _start_tracker(ctx: StageContext, cfg: Any, tracking: TrackingConfig, env: dist.DistEnv,
+                   run: RunFolder, state: TrainState, outcome: ResumeOutcome,
+                   derived: dict[str, Any]) -> Tracker:
+    """The stage's tracker, re-attached to the run id a resumed checkpoint kept."""
+    tracker = build_tracker(tracking, ctx.workdir, env.rank, ctx.stage,
+                            parent_run_id=ctx.parent_run_id,
+                            resume_run_id=state.extra.get("tracker_run_id"), run_folder=run.root,
+                            tags={"detrforge.pipeline": ctx.pipeline, "detrforge.stage": ctx.stage,
+                                  "detrforge.config_hash": config_hash(cfg)})
+    if dist.is_main():
+        state.extra["tracker_run_id"] = tracker.run_id
+        if outcome.kind != "resume":
+            tracker.log_params({**to_dict(cfg), "derived": derived})
+            tracker.log_artifact(run.config_path)
+    return tracker
 
 
 def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, tracker,
@@ -271,14 +284,15 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
                          start=start, run_id=tracker.run_id)
     if not dist.is_main():
         return result
-    export_dir = ctx.run_dir / "export"
+    run = RunFolder(ctx.run_dir)
+    export_dir = run.export_dir
     meta = {**parts.meta, "metrics": metrics, "config_hash": config_hash(cfg),
             "config": to_dict(cfg), "parents": inputs or {}, "stage": ctx.stage,
             "pipeline": ctx.pipeline}
     write_export(export_dir, state_dict, meta)
     result.export_dir = str(export_dir)
-    if (ctx.run_dir / "artifacts").is_dir():  # prediction pictures of the evaluation
-        tracker.log_artifacts(ctx.run_dir / "artifacts", "artifacts")
+    if run.artifacts_dir.is_dir():  # prediction pictures of the evaluation
+        tracker.log_artifacts(run.artifacts_dir, run.artifacts_dir.name)
     result.model_version = _register(ctx, cfg, tracker, export_dir, inputs)
     tracker.finish("FINISHED")
     _write_done(ctx.run_dir, {

@@ -1,6 +1,7 @@
 """Hooks around the loop: logging, evaluation, checkpoints, the non-finite guard, progress and
 the graceful stop. Stateful callbacks return their state from `state_dict()`; it is saved in
-every checkpoint (as detectron2 checkpoints its hooks).
+every checkpoint (as detectron2 checkpoints its hooks), keyed by the callback's `name`
+(`stateful_callbacks`).
 
 Every rank calls every hook at the same point, so a hook may run collectives (the metric mean,
 a save), and a hook that raises raises on all ranks together.
@@ -31,7 +32,12 @@ class Tracker(Protocol):
 
 
 class Callback:
-    """Base class: every hook does nothing."""
+    """Base class: every hook does nothing.
+
+    `name` keys the callback's state in a checkpoint: keep it stable across versions.
+    """
+
+    name: str = "callback"
 
     def on_fit_start(self, state: TrainState) -> None:
         """Before the first step (also after a resume)."""
@@ -57,25 +63,35 @@ class Callback:
         """Restore `state_dict()`."""
 
 
-def callbacks_state(callbacks: Iterable[Callback]) -> list[dict[str, Any]]:
-    """Every callback's state, in order."""
-    return [cb.state_dict() for cb in callbacks]
+def _overrides_state(callback: Callback) -> bool:
+    return type(callback).state_dict is not Callback.state_dict
 
 
-def load_callbacks_state(callbacks: Iterable[Callback], states: list[dict[str, Any]]) -> None:
-    """Inverse of `callbacks_state`; the callback list must be the same as when saved."""
-    callbacks = list(callbacks)
-    if len(callbacks) != len(states):
-        raise ValueError(
-            f"engine/callbacks.py: checkpoint holds state for {len(states)} callbacks but "
-            f"{len(callbacks)} are configured; resume with the same callback list"
-        )
-    for callback, state in zip(callbacks, states):
-        callback.load_state_dict(state)
+def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Callback]:
+    """The callbacks that keep state, keyed by `name`: what a checkpoint saves and restores.
+
+    Keying by name (not list position) lets a callback be added or reordered between a save
+    and a resume without another callback receiving its state. Stateless callbacks (rank 0's
+    progress bar) are left out, so ranks whose lists differ only in those agree.
+    """
+    named: dict[str, Callback] = {}
+    for callback in callbacks:
+        if not _overrides_state(callback):
+            continue
+        if callback.name in named:
+            raise ValueError(
+                f"engine/callbacks.py: two stateful callbacks are named {callback.name!r}; "
+                "give one another name (the `name` argument) so their checkpointed state "
+                "cannot be swapped"
+            )
+        named[callback.name] = callback
+    return named
 
 
 class MetricLogger(Callback):
     """Means over the last `every_steps` steps and over ranks, logged by rank 0 to a tracker."""
+
+    name = "metric_logger"
 
     def __init__(self, tracker: Tracker | None, every_steps: int = 10, prefix: str = "train/"):
         if every_steps < 1:
@@ -109,10 +125,14 @@ class PeriodicEval(Callback):
     """Runs `evaluate(state) -> metrics` every `every_steps` steps and at the end, on every rank
     (evaluation may be distributed); rank 0 logs the result with an "eval/" prefix."""
 
+    name = "periodic_eval"
+
     def __init__(self, evaluate: Callable[[TrainState], Mapping[str, float]], every_steps: int,
-                 tracker: Tracker | None = None, at_end: bool = True):
+                 tracker: Tracker | None = None, at_end: bool = True, name: str | None = None):
         if every_steps < 1:
             raise ValueError(f"engine/callbacks.py: every_steps must be >= 1, got {every_steps}")
+        if name is not None:
+            self.name = name  # two evaluations (e.g. of two splits) need two names
         self.evaluate, self.every_steps = evaluate, every_steps
         self.tracker, self.at_end = tracker, at_end
         self.last: dict[str, float] = {}
@@ -142,6 +162,8 @@ class PeriodicEval(Callback):
 class PeriodicCheckpoint(Callback):
     """Calls `save(state)` every `every_steps` optimizer steps and at the end of training."""
 
+    name = "periodic_checkpoint"
+
     def __init__(self, save: SaveFn, every_steps: int, at_end: bool = True):
         if every_steps < 1:
             raise ValueError(f"engine/callbacks.py: every_steps must be >= 1, got {every_steps}")
@@ -163,6 +185,8 @@ class NonFiniteGuard(Callback):
     decides when that has gone on long enough to be a diverged run rather than a bad batch.
     """
 
+    name = "nonfinite_guard"
+
     def __init__(self, max_consecutive: int = 10, save: SaveFn | None = None):
         if max_consecutive < 1:
             raise ValueError(f"engine/callbacks.py: max_consecutive must be >= 1, got {max_consecutive}")
@@ -182,6 +206,8 @@ class NonFiniteGuard(Callback):
 
 class ProgressBar(Callback):
     """tqdm bar on rank 0: step, loss, lr, images/s and the ETA."""
+
+    name = "progress_bar"
 
     def __init__(self, total_steps: int, images_per_step: int | None = None, every_steps: int = 1):
         self.total_steps, self.images_per_step = total_steps, images_per_step
@@ -222,6 +248,8 @@ class StopOnRequest(Callback):
     The flag is local (a signal reaches one rank); the loop agrees on it over all ranks at the
     step boundary, saves, and returns `stopped=True`.
     """
+
+    name = "stop_on_request"
 
     def __init__(self, stop_file: str | Path | None = None):
         self.stop_file = Path(stop_file) if stop_file is not None else None

@@ -74,6 +74,8 @@ class ModelEma:
 class EmaUpdate(Callback):
     """Updates `ema` from `module` after every optimizer step; its state rides in checkpoints."""
 
+    name = "ema"
+
     def __init__(self, ema: ModelEma, module: nn.Module):
         self.ema, self.module = ema, module
 

@@ -128,6 +128,19 @@ def deepspeed_config(
     return config
 
 
+def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """name, base lr, weight decay and parameter count of each group (for config.yaml).
+
+    Read from the client optimizer before DeepSpeed wraps it: ZeRO-3 partitions the parameters
+    (their numel becomes that of one shard) and the schedule's warmup scales `lr`.
+    """
+    return [{"name": group.get("name", f"group_{index}"),
+             "lr": float(group.get("initial_lr", group["lr"])),
+             "weight_decay": float(group["weight_decay"]),
+             "num_params": int(sum(p.numel() for p in group["params"]))}
+            for index, group in enumerate(optimizer.param_groups)]
+
+
 class Strategy:
     """The interface the loop and the checkpoint code rely on."""
 
@@ -135,6 +148,8 @@ class Strategy:
     device: torch.device  # where inputs go
     precision: str  # "fp32" | "bf16" (resolved)
     grad_accum_steps: int  # micro-batches per optimizer step
+    param_groups: list[dict[str, Any]]  # describe_param_groups of the optimizer, as built
+    deepspeed_config: dict[str, Any] | None = None  # the derived DeepSpeed dict, if any
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -196,6 +211,7 @@ class SingleStrategy(Strategy):
         self.module = model.to(device)
         self.optimizer = build_optimizer(self.module, optimizer_cfg, group_of)
         self.scheduler = build_scheduler(self.optimizer, optimizer_cfg, total_steps)
+        self.param_groups = describe_param_groups(self.optimizer)
         self.micro_steps = 0
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -287,14 +303,15 @@ class DeepSpeedStrategy(Strategy):
         self.grad_accum_steps = cfg.grad_accum_steps
         dist.init_distributed(env)
         num_params = sum(p.numel() for p in model.parameters())
-        self.config = deepspeed_config(cfg, micro_batch_size, env.world_size, self.precision,
-                                       num_params)
+        self.deepspeed_config = deepspeed_config(cfg, micro_batch_size, env.world_size,
+                                                 self.precision, num_params)
         model = model.to(self.device)
         optimizer = build_optimizer(model, optimizer_cfg, group_of)
         scheduler = build_scheduler(optimizer, optimizer_cfg, total_steps)
+        self.param_groups = describe_param_groups(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
-            dist_init_required=False,
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.deepspeed_config, dist_init_required=False,
         )
         self.module = self.engine.module
         self._deepspeed = deepspeed

@@ -30,6 +30,7 @@ from pipeline.engine.callbacks import (
     NonFiniteGuard,
     PeriodicCheckpoint,
     StopOnRequest,
+    stateful_callbacks,
 )
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
@@ -149,7 +150,7 @@ def main() -> None:
 
     def save(train_state):
         return checkpoint.save_checkpoint(run, strategy, train_state, loader=loader,
-                                          callbacks=callbacks, keep_last=2)
+                                          stateful=stateful_callbacks(callbacks), keep_last=2)
 
     stop = StopOnRequest()
     stop.install_signal_handlers([signal.SIGUSR1])
@@ -166,7 +167,7 @@ def main() -> None:
     model = make_model()
     torch.manual_seed(1234 + env.rank)  # dropout masks differ per rank, as in real training
     strategy, outcome = checkpoint.resume(run, model, make_strategy, state, loader=loader,
-                                          callbacks=callbacks)
+                                          stateful=stateful_callbacks(callbacks))
     if dist.is_main():
         print(f"resume: {outcome}", flush=True)
 

@@ -193,3 +193,70 @@ def test_tied_weights_export(tmp_path):
     shared = torch.zeros(3)
     write_export(tmp_path, {"a": shared, "b": shared}, {})
     assert set(load_export(tmp_path)[0]) == {"a", "b"}
+
+
+class Counter:
+    """A named stateful object (as a callback is)."""
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_named_state_goes_back_by_name_whatever_the_order(tmp_path):
+    run = RunFolder(tmp_path)
+    save_checkpoint(run, single(Net()), TrainState(step=2),
+                    stateful={"eval": Counter(7), "ema": Counter(3)})
+    restored = {"ema": Counter(), "eval": Counter()}  # other order than at save time
+    resume(run, Net(), single, TrainState(), stateful=restored)
+    assert restored["eval"].value == 7 and restored["ema"].value == 3
+
+
+def test_added_and_removed_stateful_objects_warn_and_keep_fresh_state(tmp_path, caplog):
+    run = RunFolder(tmp_path)
+    save_checkpoint(run, single(Net()), TrainState(step=2),
+                    stateful={"eval": Counter(7), "old": Counter(5)})
+    _, outcome = resume(run, Net(), single, TrainState())
+    added, kept = Counter(11), Counter()
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        outcome.restore({"eval": kept, "new": added})  # restored later, once built
+    assert kept.value == 7 and added.value == 11
+    assert "no state for 'new'" in caplog.text and "state for 'old'" in caplog.text
+
+
+def test_stateful_objects_as_a_list_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="mapping name -> object"):
+        save_checkpoint(RunFolder(tmp_path), single(Net()), TrainState(step=1),
+                        stateful=[Counter()])
+
+
+def test_checkpoint_with_positional_callback_state_is_a_clear_error(tmp_path, monkeypatch):
+    run = RunFolder(tmp_path)
+    strategy = single(Net())
+    real_save = strategy.save
+
+    def legacy_save(directory, client):  # what an older version wrote
+        inner = dict(client[checkpoint.CLIENT_KEY])
+        inner.pop(checkpoint.NAMED_KEY)
+        inner["callbacks"] = [{"last": {}, "last_step": 3}]
+        real_save(directory, {checkpoint.CLIENT_KEY: inner})
+
+    monkeypatch.setattr(strategy, "save", legacy_save)
+    save_checkpoint(run, strategy, TrainState(step=2))
+    with pytest.raises(CheckpointError, match="by list position"):
+        resume(run, Net(), single, TrainState())
+
+
+def test_checkpoint_module_does_not_import_the_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

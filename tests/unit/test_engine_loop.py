@@ -21,6 +21,7 @@ from pipeline.engine.callbacks import (
     PeriodicEval,
     ProgressBar,
     StopOnRequest,
+    stateful_callbacks,
 )
 from pipeline.engine.loop import EmptyLoaderError, fit
 from pipeline.engine.optim import OptimizerConfig
@@ -215,13 +216,14 @@ def _train_with_checkpoints(run_dir, max_steps, die_at=None):
                 raise KeyboardInterrupt
 
     def save(s):
-        return save_checkpoint(run, holder["strategy"], s, loader=loader, callbacks=callbacks)
+        return save_checkpoint(run, holder["strategy"], s, loader=loader,
+                               stateful=stateful_callbacks(callbacks))
 
     callbacks = [evaluate, PeriodicCheckpoint(save, every_steps=2), Record()]
     model = make_model(dropout=0.3)
     torch.manual_seed(42)
     strategy, outcome = resume(run, model, lambda m: make_strategy(m, total_steps=max_steps),
-                               state, loader=loader, callbacks=callbacks)
+                               state, loader=loader, stateful=stateful_callbacks(callbacks))
     holder["strategy"] = strategy
     eval_after_resume = dict(evaluate.last)
     try:
@@ -257,8 +259,20 @@ def test_ema_callback_tracks_training_and_is_checkpointed(tmp_path):
     fit(mse_step(strategy), Stream(), strategy, [callback], state, max_steps=3)
     assert ema.updates == 3
     assert not torch.equal(ema.shadow["0.weight"], start["0.weight"])
-    save_checkpoint(run, strategy, state, callbacks=[callback])
+    save_checkpoint(run, strategy, state, stateful=stateful_callbacks([callback]))
     restored = EmaUpdate(ModelEma(make_model(), EmaConfig(enabled=True)), make_model())
-    resume(run, make_model(), lambda m: make_strategy(m), TrainState(), callbacks=[restored])
+    resume(run, make_model(), lambda m: make_strategy(m), TrainState(),
+           stateful=stateful_callbacks([restored]))
     assert restored.ema.updates == 3
     torch.testing.assert_close(restored.ema.shadow["0.weight"], ema.shadow["0.weight"])
+
+
+def test_stateful_callbacks_are_keyed_by_name_and_names_must_differ():
+    evaluate = PeriodicEval(lambda s: {}, every_steps=1)
+    named = stateful_callbacks([MetricLogger(None), evaluate, ProgressBar(3), StopOnRequest()])
+    assert named == {"periodic_eval": evaluate}  # stateless callbacks are left out
+    second = PeriodicEval(lambda s: {}, every_steps=1)
+    with pytest.raises(ValueError, match="named 'periodic_eval'"):
+        stateful_callbacks([evaluate, second])
+    second.name = "eval_test"
+    assert set(stateful_callbacks([evaluate, second])) == {"periodic_eval", "eval_test"}

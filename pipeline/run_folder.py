@@ -1,0 +1,137 @@
+"""The run folder of one stage: the only place that names its files.
+
+::
+
+    config.yaml            the resolved config, its hash and derived values
+    checkpoints/step_<N>/  strategy shards + client state; COMPLETE marks a finished save
+    latest                 names the newest complete checkpoint folder (written last)
+    export/                model.safetensors + meta.json (consolidated fp32 weights)
+    DONE.json              final metrics, tracker run id, registered model version
+    STOP_REQUESTED         a stop request (preemption) of a running job
+    logs/metrics.jsonl     every logged metric (kept also when the tracker is down)
+    artifacts/             what the evaluation draws (prediction pictures), logged to the tracker
+
+Other modules ask a `RunFolder` for these paths (or use the constants below for an export folder
+that lives elsewhere) instead of spelling the names themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+EXPORT_DIR = "export"
+DONE_FILE = "DONE.json"
+STOP_FILE = "STOP_REQUESTED"
+LOGS_DIR = "logs"
+METRICS_FILE = "metrics.jsonl"
+ARTIFACTS_DIR = "artifacts"  # what a stage's evaluation draws (prediction pictures)
+# An export folder (inside a run folder, or downloaded from the registry).
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+COMPLETE_MARKER = "COMPLETE"
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed (also: `latest` names no complete folder)."""
+
+
+class RunFolder:
+    """Paths of one stage run (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    @property
+    def latest_path(self) -> Path:
+        return self.root / LATEST_FILE
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / EXPORT_DIR
+
+    @property
+    def export_weights_path(self) -> Path:
+        return self.export_dir / WEIGHTS_FILE
+
+    @property
+    def export_meta_path(self) -> Path:
+        return self.export_dir / META_FILE
+
+    @property
+    def done_path(self) -> Path:
+        return self.root / DONE_FILE
+
+    @property
+    def stop_path(self) -> Path:
+        return self.root / STOP_FILE
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / LOGS_DIR
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.logs_dir / METRICS_FILE
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / ARTIFACTS_DIR
+
+    def create(self) -> RunFolder:
+        """Make the folders (idempotent)."""
+        for folder in (self.checkpoints_dir, self.export_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def step_dir(self, step: int) -> Path:
+        """checkpoints/step_<step>/"""
+        return self.checkpoints_dir / f"step_{step}"
+
+    def latest_name(self) -> str | None:
+        """What `latest` says (e.g. "step_12"), unchecked; None without `latest`."""
+        return self.latest_path.read_text().strip() if self.latest_path.is_file() else None
+
+    def latest_dir(self) -> Path | None:
+        """The folder `latest` names, or None when there is no usable checkpoint."""
+        name = self.latest_name()
+        if name is None:
+            return None
+        directory = self.checkpoints_dir / name
+        if not STEP_DIR.match(name) or not (directory / COMPLETE_MARKER).is_file():
+            raise CheckpointError(
+                f"run_folder.py: {self.latest_path} names {name!r}, which is not a complete "
+                "checkpoint folder; the run folder was edited by hand. Delete `latest` to "
+                "start from scratch"
+            )
+        return directory
+
+    def latest_step(self) -> int | None:
+        """Step of the latest checkpoint, or None."""
+        directory = self.latest_dir()
+        return None if directory is None else step_of(directory)
+
+    def step_dirs(self) -> list[Path]:
+        """checkpoints/step_*/ folders, oldest first (complete or not)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+        return sorted(found, key=step_of)
+
+
+def step_of(directory: Path) -> int:
+    """N of a checkpoints/step_<N>/ folder."""
+    return int(STEP_DIR.match(Path(directory).name).group(1))
