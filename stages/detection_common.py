@@ -20,7 +20,8 @@ from pipeline.data.detection import DetectionDataConfig, build_detection_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.eval.coco import CocoEvaluator
 from pipeline.eval.postprocess import postprocess_detections
-from pipeline.losses.set_criterion import CriterionConfig, SetCriterion, build_criterion
+from pipeline.losses.denoising import build_dino_criterion
+from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
 from pipeline.models.detr import DetectorConfig, build_detector
 from stages.common import StageContext, StageParts
 from stages.inputs import data_fingerprint
@@ -55,8 +56,11 @@ def detection_task_step(criterion: SetCriterion, weights: dict[str, float], free
             model.set_backbone_frozen(state.step < freeze_steps)
         images = model_images(batch, strategy.device, strategy.compute_dtype)
         padding_mask = batch["padding_mask"].to(strategy.device)
-        outputs = strategy.module(images, padding_mask)
-        losses = criterion(outputs, move_targets(batch["targets"], strategy.device))
+        targets = move_targets(batch["targets"], strategy.device)
+        # DINO's training forward builds its denoising queries from the targets
+        extra = {"targets": targets} if getattr(model, "needs_targets", False) else {}
+        outputs = strategy.module(images, padding_mask, **extra)
+        losses = criterion(outputs, targets)
         total = SetCriterion.weighted_total(losses, weights)
         logged = {k: float(v) for k, v in losses.items() if k in ("loss_ce", "loss_bbox", "loss_giou")}
         return total, logged
@@ -119,8 +123,8 @@ def detection_parts(ctx: StageContext, env: dist.DistEnv, data: DetectionDataCon
     val_loader = build_detection_loader(data, "val", env.rank, env.world_size)
     model_cfg = dataclasses.replace(model_cfg, num_classes=train_loader.num_classes)
     model = build_detector(model_cfg)
-    focal = model_cfg.kind == "deformable"
-    criterion = build_criterion(dataclasses.replace(criterion_cfg, matcher=dataclasses.replace(
+    focal = model_cfg.kind != "detr"
+    criterion = build_dino_criterion(dataclasses.replace(criterion_cfg, matcher=dataclasses.replace(
         criterion_cfg.matcher, focal=focal)), train_loader.num_classes)
     annotations = load_shard_info(Path(data.shards) / "val").annotation_path
     if annotations is None:

@@ -30,8 +30,9 @@ from pipeline.losses.focal import sigmoid_focal_loss
 from pipeline.losses.masks import MaskLossConfig, mask_losses, pad_masks
 from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
 
-# "loss_ce_3" -> "loss_ce", "loss_giou_enc" -> "loss_giou": auxiliary keys share the base weight.
-_SUFFIX = re.compile(r"_(\d+|enc)$")
+# "loss_ce_3" -> "loss_ce", "loss_giou_enc" -> "loss_giou", "loss_bbox_dn_2" -> "loss_bbox"
+# (DINO's denoising losses): auxiliary, encoder and denoising keys share the base weight.
+_SUFFIX = re.compile(r"(_dn)?(_(\d+|enc))?$")
 
 
 @dataclass
@@ -76,6 +77,7 @@ class CriterionConfig:
     focal_alpha: float = 0.25  # focal loss alpha (focal heads only)
     focal_gamma: float = 2.0  # focal loss gamma (focal heads only)
     eos_coef: float = 0.1  # weight of the no-object class in the softmax loss (DETR heads only)
+    class_loss: str = "focal"  # focal heads: "focal" | "varifocal" (matched box IoU as soft target; losses/denoising.py)
     masks: MaskLossConfig | None = None  # mask losses for segmentation heads; None = boxes only
 
     def __post_init__(self) -> None:
@@ -89,6 +91,8 @@ class CriterionConfig:
             raise ValueError(f"CriterionConfig.focal_alpha must lie in [0, 1], got {self.focal_alpha}")
         if self.focal_gamma < 0:
             raise ValueError(f"CriterionConfig.focal_gamma must be >= 0, got {self.focal_gamma}")
+        if self.class_loss not in ("focal", "varifocal"):
+            raise ValueError(f"criterion.class_loss must be 'focal' or 'varifocal', got {self.class_loss!r}")
         if not 0.0 <= self.eos_coef <= 1.0:
             raise ValueError(f"CriterionConfig.eos_coef must lie in [0, 1], got {self.eos_coef}")
 

@@ -6,6 +6,13 @@ Module and parameter names follow the official implementation (``encoder.layers.
 ``pos_trans``) so its weights map one to one (``pipeline/models/interop.py``). The class and box
 heads belong to the detector and are passed to ``forward``, never registered here twice.
 
+DINO (Zhang et al. 2023) extends it here: ``mixed_selection`` (encoder top-k proposals give the
+reference boxes, content queries stay learned in ``tgt_embed``; the query position is recomputed
+from the current reference box in every layer by ``decoder.ref_point_head``), extra denoising
+queries and a self-attention mask (``forward``'s ``dn_content`` / ``dn_reference`` /
+``self_attn_mask``), ``query_groups`` (Group-DETR: K groups of learned queries in training, the
+first one at inference) and ``look_forward_twice``.
+
 Shapes: B batch, S = sum of h_l * w_l tokens over L levels, C = d_model, Q queries.
 """
 
@@ -72,11 +79,12 @@ class DeformableDecoderLayer(nn.Module):
 
     def forward(
         self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-        spatial_shapes: Tensor, memory_padding_mask: Tensor,
+        spatial_shapes: Tensor, memory_padding_mask: Tensor, self_attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2|4); memory (B, S, C) -> (B, Q, C)."""
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2|4); memory (B, S, C);
+        self_attn_mask (Q, Q) bool, True where a query may not attend -> (B, Q, C)."""
         q = k = tgt + query_pos
-        attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+        attended = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
@@ -113,29 +121,48 @@ class DeformableEncoder(nn.Module):
 
 
 class DeformableDecoder(nn.Module):
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
+    """Decoder layers; with ``dynamic_query_pos`` (DINO) a ``ref_point_head`` MLP turns each
+    layer's reference box into its query position, and with ``look_forward_twice`` the returned
+    references keep the gradient of the previous layer's refinement."""
+
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, dynamic_query_pos: bool = False,
+                 look_forward_twice: bool = False):
         super().__init__()
         self.layers = _clones(layer, num_layers)
+        self.look_forward_twice = look_forward_twice
+        self.d_model = layer.norm1.normalized_shape[0]
+        if dynamic_query_pos:
+            d = self.d_model
+            self.ref_point_head = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, d))
+
+    def query_position(self, reference_points: Tensor) -> Tensor:
+        """(B, Q, 4) sigmoid boxes -> (B, Q, C) positional query (DINO / DAB-DETR)."""
+        return self.ref_point_head(proposal_pos_embed(inverse_sigmoid(reference_points), self.d_model // 2))
 
     def forward(
         self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
-        valid_ratios: Tensor, query_pos: Tensor, memory_padding_mask: Tensor,
-        bbox_embed: nn.ModuleList | None = None,
+        valid_ratios: Tensor, query_pos: Tensor | None, memory_padding_mask: Tensor,
+        bbox_embed: nn.ModuleList | None = None, self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """-> hidden states (num_layers, B, Q, C), each layer's input reference (B, Q, 2|4).
+        """-> hidden states (num_layers, B, Q, C), each layer's reference (B, Q, 2|4).
 
         With ``bbox_embed`` (iterative refinement), each layer's box prediction becomes the next
-        layer's reference, detached as in the paper.
+        layer's reference, detached as in the paper. The reference returned for layer i is its
+        input, or with ``look_forward_twice`` the same box not detached: layer i's box loss then
+        also trains layer i-1's prediction (DINO Sec. 3.5); only the reference passed on is detached.
+        ``query_pos`` None: computed per layer by ``ref_point_head`` (needs 4-d references).
         """
         hidden, references = [], []
+        undetached = reference_points
         for index, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 scaled = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 scaled = reference_points[:, :, None] * valid_ratios[:, None]
-            tgt = layer(tgt, query_pos, scaled, memory, spatial_shapes, memory_padding_mask)
+            position = self.query_position(reference_points) if query_pos is None else query_pos
+            tgt = layer(tgt, position, scaled, memory, spatial_shapes, memory_padding_mask, self_attn_mask)
             hidden.append(tgt)
-            references.append(reference_points)
+            references.append(undetached if self.look_forward_twice else reference_points)
             if bbox_embed is not None:
                 delta = bbox_embed[index](tgt)
                 if reference_points.shape[-1] == 4:
@@ -143,7 +170,8 @@ class DeformableDecoder(nn.Module):
                 else:
                     # point references become boxes after the first refinement, as the official code
                     refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                reference_points = refined.sigmoid().detach()
+                undetached = refined.sigmoid()
+                reference_points = undetached.detach()
         return torch.stack(hidden), references
 
 
@@ -172,17 +200,26 @@ class DeformableTransformer(nn.Module):
         self, d_model: int = 256, n_heads: int = 8, num_encoder_layers: int = 6,
         num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
         num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
-        two_stage: bool = False, two_stage_num_proposals: int = 300,
+        two_stage: bool = False, two_stage_num_proposals: int = 300, mixed_selection: bool = False,
+        look_forward_twice: bool = False, query_groups: int = 1,
     ):
         super().__init__()
+        if (mixed_selection or query_groups > 1) and not two_stage:
+            raise ValueError("DeformableTransformer: mixed_selection and query_groups > 1 need two_stage=True")
         self.d_model, self.two_stage = d_model, two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
+        self.mixed_selection, self.query_groups = mixed_selection, query_groups
         enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads, enc_n_points)
         dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads, dec_n_points)
         self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
-        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers)
+        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, mixed_selection, look_forward_twice)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        if two_stage:
+        if mixed_selection:
+            # learned content queries, one block of Q per training group (group 0 at inference)
+            self.tgt_embed = nn.Embedding(two_stage_num_proposals * query_groups, d_model)
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+        elif two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
@@ -202,6 +239,8 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
+        if self.mixed_selection:
+            nn.init.normal_(self.tgt_embed.weight)
 
     def flatten_levels(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
         """Per-level (B, C, h, w) maps -> (B, S, C) tokens, (B, S) mask, (B, S, C) pos + level
@@ -241,14 +280,25 @@ class DeformableTransformer(nn.Module):
         return self.enc_output_norm(self.enc_output(memory)), proposals
 
     def two_stage_queries(self, memory, mask_flat, shapes, class_embed, bbox_embed):
-        """Top-k encoder proposals -> (query_pos, tgt, reference boxes, enc class, enc coords)."""
+        """Top-k encoder proposals -> (query_pos, tgt, reference boxes, enc class, enc coords).
+
+        Mixed selection: query_pos None (the decoder derives it from the boxes), tgt the learned
+        content queries; in training with query groups, the K groups share the top-k boxes.
+        """
         output_memory, proposals = self.encoder_proposals(memory, mask_flat, shapes)
         layer = len(self.decoder.layers)  # the extra head after the last decoder layer
         enc_class = class_embed[layer](output_memory)
         enc_coord_unact = bbox_embed[layer](output_memory) + proposals
         topk = min(self.two_stage_num_proposals, enc_class.shape[1])
+        # column 0: the criterion trains the proposals class-agnostically (every target is class 0)
         topk_index = torch.topk(enc_class[..., 0], topk, dim=1)[1]
         coords = torch.gather(enc_coord_unact, 1, topk_index.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        if self.mixed_selection:
+            groups = self.query_groups if self.training else 1
+            reference = coords.sigmoid().repeat(1, groups, 1)
+            rows = torch.cat([torch.arange(topk) + g * self.two_stage_num_proposals for g in range(groups)])
+            tgt = self.tgt_embed.weight[rows.to(memory.device)].unsqueeze(0).expand(memory.shape[0], -1, -1)
+            return None, tgt, reference, enc_class, enc_coord_unact
         pos_trans = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))
         query_pos, tgt = torch.split(pos_trans, self.d_model, dim=2)
         return query_pos, tgt, coords.sigmoid(), enc_class, enc_coord_unact
@@ -257,8 +307,14 @@ class DeformableTransformer(nn.Module):
         self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
         query_embed: Tensor | None, class_embed: nn.ModuleList | None = None,
         bbox_embed: nn.ModuleList | None = None, refine_boxes: bool = False,
+        dn_content: Tensor | None = None, dn_reference: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
     ) -> dict:
         """srcs / pos_embeds: per level (B, C, h_l, w_l); masks (B, h_l, w_l); query_embed (Q, 2C).
+
+        Mixed selection only: ``dn_content`` (B, P, C) and ``dn_reference`` (B, P, 4) sigmoid boxes
+        are denoising queries put before the matching ones; ``self_attn_mask`` (P + Q', P + Q')
+        bool, True = may not attend (Q' = Q x query groups in training).
 
         Returns "hidden" (layers, B, Q, C), "init_reference" (B, Q, 2|4), "references"
         (list per layer of (B, Q, 2|4): its input reference; points become boxes after refinement) and, two-stage,
@@ -272,6 +328,11 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt, reference, out["enc_class"], out["enc_coord_unact"] = self.two_stage_queries(
                 memory, mask_flat, shapes, class_embed, bbox_embed
             )
+            if dn_content is not None:
+                if not self.mixed_selection:
+                    raise ValueError("DeformableTransformer: denoising queries need mixed_selection=True")
+                tgt = torch.cat([dn_content.to(tgt.dtype), tgt], 1)
+                reference = torch.cat([dn_reference.to(reference.dtype), reference], 1)
         else:
             query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(memory.shape[0], -1, -1)
@@ -280,6 +341,6 @@ class DeformableTransformer(nn.Module):
         out["init_reference"] = reference
         out["hidden"], out["references"] = self.decoder(
             tgt, reference, memory, shapes, valid_ratios, query_pos, mask_flat,
-            bbox_embed if refine_boxes else None,
+            bbox_embed if refine_boxes else None, self_attn_mask,
         )
         return out

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from pipeline.models.backbone import Backbone, BackboneConfig, build_backbone
 from pipeline.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
+from pipeline.models.denoising import DenoisingConfig
 from pipeline.models.position import PositionEmbeddingSine, mask_to_feature
 from pipeline.models.transformer import Transformer
 
-DETECTOR_KINDS = ("deformable", "detr")
+DETECTOR_KINDS = ("deformable", "detr", "dino")
 FOCAL_PRIOR = 0.01  # initial foreground probability of the sigmoid class head (RetinaNet)
 
 
@@ -49,11 +50,18 @@ class DetectorConfig:
     two_stage: bool = False  # deformable: queries from the top-k encoder proposals ("enc_outputs")
     box_refine: bool = False  # deformable: each decoder layer refines the previous layer's boxes
     aux_loss: bool = True  # return "aux_outputs" of every decoder layer but the last
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)  # dino: contrastive denoising queries
+    train_query_groups: int = 1  # dino: Group-DETR, K query groups matched separately in training (1 at inference)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # feature extractor
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)
+        if isinstance(self.denoising, dict):
+            self.denoising = DenoisingConfig(**self.denoising)
+        if self.train_query_groups < 1 or (self.train_query_groups > 1 and self.kind != "dino"):
+            raise ValueError(f"DetectorConfig.train_query_groups must be >= 1 and > 1 only with kind='dino', "
+                             f"got {self.train_query_groups} with kind={self.kind!r}")
         if self.kind not in DETECTOR_KINDS:
             raise ValueError(f"DetectorConfig.kind must be one of {DETECTOR_KINDS}, got {self.kind!r}")
         for name in ("num_classes", "num_queries", "hidden_dim", "enc_layers", "dec_layers", "nheads", "dim_feedforward"):
@@ -65,7 +73,7 @@ class DetectorConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DetectorConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.kind == "deformable" and self.num_feature_levels < len(self.backbone.out_strides):
+        if self.kind != "detr" and self.num_feature_levels < len(self.backbone.out_strides):
             raise ValueError(
                 f"DetectorConfig.num_feature_levels ({self.num_feature_levels}) must be >= the number "
                 f"of backbone maps (backbone.out_strides={self.backbone.out_strides})"
@@ -262,6 +270,10 @@ class DETR(DetectorBase):
 def build_detector(cfg: DetectorConfig, backbone: Backbone | None = None) -> DeformableDETR | DETR:
     """Detector for ``cfg``; ``backbone`` defaults to ``build_backbone(cfg.backbone)``."""
     backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
+    if cfg.kind == "dino":
+        from pipeline.models.dino import DINO  # dino.py extends DeformableDETR defined here
+
+        return DINO(cfg, backbone)
     if cfg.kind == "deformable":
         return DeformableDETR(cfg, backbone)
     return DETR(cfg, backbone)
