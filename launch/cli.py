@@ -11,11 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+from launch.errors import EXIT_USAGE, is_user_error, one_line
 
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
+
+
+# Commands whose ``overrides`` positional takes ``key=value`` tokens; argparse stops filling a
+# positional at the first option, so tokens after ``--workdir DIR`` are collected in main().
+OVERRIDES_HELP = "dotted key=value overrides, anywhere on the line"
 
 
 def default_workdir() -> str:
@@ -32,7 +37,7 @@ def _add_pipeline_commands(sub) -> None:
     run = sub.add_parser("run", help="run a pipeline (or one recipe) on this machine; resumes "
                                      "by default and skips finished stages")
     run.add_argument("target", help="configs/pipelines/*.yaml or a stage recipe")
-    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     _add_workdir(run)
     run.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     run.add_argument("--only", metavar="STAGE", help="run this stage only")
@@ -93,7 +98,7 @@ def _add_config_commands(sub) -> None:
     cfg_sub = cfg.add_subparsers(dest="config_cmd", metavar="{show}", required=True)
     show = cfg_sub.add_parser("show", help="print the resolved, validated config of a recipe")
     show.add_argument("recipe", help="a stage recipe under configs/stages/")
-    show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     show.set_defaults(handler=_cmd_config_show)
 
 
@@ -178,24 +183,44 @@ def _cmd_export(args) -> int:
     return export_run(Path(args.run_folder))
 
 
-def _cmd_registry_list(args) -> int:
-    from pipeline.tracking import list_models, tracking_uri_for
+def _registry_uri(workdir: Path) -> str | None:
+    """The workdir's tracking URI; None when it is the embedded store and that was never made
+    (opening it would create an empty database in a folder that may be a typo)."""
+    from pipeline.tracking import embedded_tracking_uri, tracking_uri_for
 
-    rows = list_models(tracking_uri_for(Path(args.workdir)))
+    uri = tracking_uri_for(workdir)
+    if uri == embedded_tracking_uri(workdir) and not (workdir / "mlflow.db").is_file():
+        return None
+    return uri
+
+
+def _cmd_registry_list(args) -> int:
+    from pipeline.registry import list_models
+
+    uri = _registry_uri(Path(args.workdir))
+    rows = list_models(uri) if uri else []
     if not rows:
-        print(f"no registered models in {args.workdir}")
+        print(f"no registered models in {uri or Path(args.workdir) / 'mlflow.db'}")
         return 0
-    print(f"{'name':40s} {'version':>7s}  aliases")
+    width = max(len("name"), *(len(row.name) for row in rows))
+    print(f"{'name':{width}s} {'version':>7s}  aliases")
     for row in rows:
-        print(f"{row['name']:40s} {str(row['version']):>7s}  {', '.join(row['aliases'])}")
+        print(f"{row.name:{width}s} {row.version:>7d}  {', '.join(row.aliases)}")
     return 0
 
 
 def _cmd_registry_promote(args) -> int:
-    from pipeline.tracking import promote, tracking_uri_for
+    from pipeline.registry import promote
 
-    promote(tracking_uri_for(Path(args.workdir)), args.name, args.version, args.alias)
-    print(f"{args.name}@{args.alias} -> version {args.version}")
+    if not args.version.isdigit():
+        raise CliError(f"VERSION must be a version number (see `detrforge registry list`), "
+                       f"got {args.version!r}")
+    uri = _registry_uri(Path(args.workdir))
+    if uri is None:
+        raise CliError(f"no MLflow store in {args.workdir} (no mlflow.db): run a pipeline there "
+                       "first, or pass the --workdir that holds it")
+    promote(uri, args.name, int(args.version), args.alias)
+    print(f"{args.name}@{args.alias} -> version {int(args.version)}")
     return 0
 
 
@@ -208,23 +233,30 @@ def _cmd_ui(args) -> int:
     return 0  # not reached
 
 
-def is_user_error(err: BaseException) -> bool:
-    """Typed errors of detrforge's own packages (bad config, data, checkpoint...) and missing
-    files carry a message that names the file and the fix: print it, not a traceback."""
-    module = type(err).__module__ or ""
-    return isinstance(err, FileNotFoundError) or module.split(".")[0] in ("pipeline", "stages",
-                                                                           "launch")
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, taking ``key=value`` tokens anywhere on the line as overrides of the commands that
+    have them (``run RECIPE --workdir DIR a.b=1``); any other leftover token is a usage error."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [t for t in extra if "=" in t and not t.startswith("-")]
+    rest = [t for t in extra if t not in overrides]
+    if overrides and not hasattr(args, "overrides"):
+        rest = extra  # this command takes no overrides
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return int(args.handler(args) or 0)
     except Exception as err:
-        if not is_user_error(err):
+        if not (is_user_error(err) or isinstance(err, CliError)):
             raise
-        print(f"detrforge: error: {err}", file=sys.stderr)
+        print(f"detrforge: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("detrforge: interrupted", file=sys.stderr)

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from launch.errors import one_line
+
 EXIT_DATA_ERROR = 2
 
 
@@ -79,7 +81,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     samples.add_argument("out", metavar="OUT", help="output folder (e.g. data/samples)")
     samples.add_argument(
-        "--size", choices=["small", "medium"], default="small", help="small: the demo; medium: ~10x"
+        "--size",
+        choices=["tiny", "small", "medium"],
+        default="small",
+        help="tiny: for tests; small: the demo; medium: ~10x",
     )
     samples.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     samples.add_argument(
@@ -96,7 +101,7 @@ def _report_errors(run):
     try:
         return run()
     except DataError as err:
-        print(f"detrforge data: error: {err}", file=sys.stderr)
+        print(f"detrforge: error: {one_line(err)}", file=sys.stderr)
         return None
 
 

@@ -11,6 +11,10 @@ stages:
     processes: 2                                        # optional: ranks on the local machine
 ```
 
+Relative paths (``recipe:``, and path values in ``overrides:`` such as ``data.shards=...``) are
+relative to the pipeline file; overrides given on the command line are relative to the current
+folder. Both are made absolute here, so a pipeline means the same from any working folder.
+
 A stage depends on every stage its resolved config names as ``stage:<name>``; those must come
 earlier in the file. A stage is up to date when its ``DONE.json`` records the same config hash
 and the same input fingerprints (exports' weights and the data's shard index), as ``make``
@@ -20,14 +24,16 @@ skips a built target.
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, config_hash, to_dict
-from stages import load_stage_config
+from pipeline.config import ConfigError, absolutize_overrides, config_hash, to_dict
+from stages import load_stage_config, recipe_kind, stage_module
 from stages.common import read_done
 from stages.inputs import STAGE_PREFIX, input_fingerprints
 
@@ -111,9 +117,27 @@ def load_pipeline(path: str | Path, extra_overrides: list[str] | None = None) ->
     return Pipeline(name, path, specs)
 
 
+def load_target(target: str | Path, overrides: list[str]) -> Pipeline:
+    """A pipeline file, or a single stage recipe run as a one-stage pipeline named after it."""
+    target = Path(target)
+    if not target.is_file():
+        raise ConfigError(f"not found: {target}")
+    try:
+        data = yaml.safe_load(target.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{target}: not valid YAML: {' '.join(str(err).split())}") from None
+    if isinstance(data, dict) and "stages" in data:
+        return load_pipeline(target, overrides)
+    entry = {"name": target.stem, "recipe": target.name}
+    return Pipeline(target.stem, target, [_stage_spec(target, entry, overrides, [], str(target))])
+
+
 def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], where: str) -> StageSpec:
     recipe = (path.parent / entry["recipe"]).resolve()
-    overrides = [str(o) for o in entry.get("overrides") or []] + list(extra)
+    schema = stage_module(recipe_kind(recipe)).Config
+    overrides = (absolutize_overrides([str(o) for o in entry.get("overrides") or []], schema,
+                                      path.resolve().parent)
+                 + absolutize_overrides(list(extra), schema, Path.cwd()))
     kind, cfg = load_stage_config(recipe, overrides)
     refs = sorted(set(_stage_refs(to_dict(cfg))))
     for ref in refs:
@@ -140,6 +164,28 @@ def is_up_to_date(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> bool:
         return False
     return (done.get("config_hash") == spec.config_hash
             and done.get("inputs") == stage_inputs(pipeline, spec, workdir))
+
+
+def _archive(run_dir: Path, why: str) -> None:
+    """Move an outdated run folder aside (never delete work)."""
+    archive = run_dir.parent / ".archive" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), str(archive))
+    print(f"[{run_dir.name}] {why}: previous run folder moved to {archive}")
+
+
+def prepare_run_dir(pipeline: Pipeline, spec: StageSpec, workdir: Path, force: bool) -> None:
+    """Keep a run folder that this config can resume; archive one written for another config
+    (the local executor and SLURM submission both call it before a stage starts)."""
+    run_dir = pipeline.run_dir(workdir, spec.name)
+    if not run_dir.exists():
+        return
+    if force:
+        _archive(run_dir, "--force")
+    elif read_done(run_dir) is not None:
+        _archive(run_dir, "config or inputs changed since it finished")
+    elif recorded_hash(run_dir) not in (None, spec.config_hash):
+        _archive(run_dir, "config changed since the interrupted run")
 
 
 def recorded_hash(run_dir: Path) -> str | None:

@@ -9,46 +9,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
 import configs
 from launch.graph import (
     Pipeline,
     StageSpec,
-    data_shards,
     is_up_to_date,
-    load_pipeline,
-    recorded_hash,
+    load_target,
+    prepare_run_dir,
     stage_status,
 )
-from launch.stage_main import RESULT_FILE
+from launch.stage_main import RESULT_FILE, stage_spec
 from pipeline.config import ConfigError
 from stages.common import read_done
 
 CONFIGS_DIR = Path(configs.__file__).resolve().parent
 DEMO_PIPELINE = CONFIGS_DIR / "pipelines" / "demo.yaml"
-SAMPLES_DIR = Path("data/samples")
-
-
-def as_pipeline(target: str | Path, overrides: list[str]) -> Pipeline:
-    """A pipeline file, or a single stage recipe run as a one-stage pipeline."""
-    target = Path(target)
-    if not target.is_file():
-        raise ConfigError(f"not found: {target}")
-    data = yaml.safe_load(target.read_text()) or {}
-    if isinstance(data, dict) and "stages" in data:
-        return load_pipeline(target, overrides)
-    from launch.graph import _stage_spec
-
-    spec = _stage_spec(target, {"name": target.stem, "recipe": target.name}, overrides, [],
-                       str(target))
-    return Pipeline(target.stem, target, [spec])
+# Where the shipped tiny recipes read the sample sets (their data.shards, relative to themselves).
+SAMPLES_DIR = CONFIGS_DIR.parent / "data" / "samples"
 
 
 def select_stages(pipeline: Pipeline, only: str | None, from_stage: str | None) -> list[StageSpec]:
@@ -61,40 +43,11 @@ def select_stages(pipeline: Pipeline, only: str | None, from_stage: str | None) 
     return list(pipeline.stages)
 
 
-def _archive(run_dir: Path, why: str) -> None:
-    """Move an outdated run folder aside (never delete work)."""
-    archive = run_dir.parent / ".archive" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(run_dir), str(archive))
-    print(f"[{run_dir.name}] {why}: previous run folder moved to {archive}")
-
-
-def prepare_run_dir(pipeline: Pipeline, spec: StageSpec, workdir: Path, force: bool) -> None:
-    """Keep a run folder that this config can resume; archive one written for another config."""
-    run_dir = pipeline.run_dir(workdir, spec.name)
-    if not run_dir.exists():
-        return
-    if force:
-        _archive(run_dir, "--force")
-    elif read_done(run_dir) is not None:
-        _archive(run_dir, "config or inputs changed since it finished")
-    elif recorded_hash(run_dir) not in (None, spec.config_hash):
-        _archive(run_dir, "config changed since the interrupted run")
-
-
 def stage_command(spec: StageSpec, spec_file: Path) -> list[str]:
     if spec.processes <= 1:
         return [sys.executable, "-m", "launch.stage_main", str(spec_file)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={spec.processes}", "-m", "launch.stage_main", str(spec_file)]
-
-
-def stage_spec(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run_id: str | None) -> dict:
-    """What a stage process needs, as plain JSON (also the SLURM job's argument)."""
-    return {"recipe": str(spec.recipe), "overrides": spec.overrides, "workdir": str(workdir.resolve()),
-            "pipeline": pipeline.name, "stage": spec.name, "parent_run_id": parent_run_id,
-            "depends_on": spec.depends_on, "data_shards": data_shards(spec.cfg),
-            "processes": spec.processes}
 
 
 def run_one_stage(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run_id: str | None) -> dict:
@@ -120,7 +73,7 @@ def run_one_stage(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run
 def run_target(target: str | Path, overrides: list[str], workdir: Path, force: bool = False,
                only: str | None = None, from_stage: str | None = None) -> int:
     """`detrforge run`: every selected stage in order; stops at the first failure."""
-    pipeline = as_pipeline(target, overrides)
+    pipeline = load_target(target, overrides)
     selected = select_stages(pipeline, only, from_stage)
     workdir.mkdir(parents=True, exist_ok=True)
     parent = _start_parent(pipeline, workdir)
@@ -195,7 +148,7 @@ def print_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> None:
 
 def show_status(target: str | Path, workdir: Path) -> int:
     """`detrforge status`: each stage's state, checkpoint step and last metrics, SLURM jobs."""
-    pipeline = as_pipeline(target, [])
+    pipeline = load_target(target, [])
     jobs = _slurm_jobs(pipeline, workdir)
     print(f"pipeline {pipeline.name}  (workdir {workdir})")
     for spec in pipeline.stages:
@@ -231,13 +184,13 @@ def run_demo(workdir: Path) -> int:
 def submit_pipeline(target: str | Path, cluster: Path, workdir: Path) -> int:
     from launch.slurm_submit import submit
 
-    return submit(as_pipeline(target, []), cluster, workdir)
+    return submit(load_target(target, []), cluster, workdir)
 
 
 def cancel_pipeline(target: str | Path, workdir: Path) -> int:
     from launch.slurm_submit import cancel
 
-    return cancel(as_pipeline(target, []), workdir)
+    return cancel(load_target(target, []), workdir)
 
 
 def export_run(run_folder: Path) -> int:

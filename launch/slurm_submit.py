@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from launch.executors import ClusterConfig, ExecutorError, load_cluster_config, make_executor
-from launch.graph import Pipeline, StageSpec, is_up_to_date
+from launch.graph import Pipeline, StageSpec, is_up_to_date, prepare_run_dir
 from launch.job import StageJob
-from launch.runner import prepare_run_dir, stage_spec
+from launch.stage_main import stage_spec
 
 JOBS_FILE = "jobs.json"
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")

@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from launch.errors import is_user_error, one_line
+from launch.graph import Pipeline, StageSpec, data_shards
 from pipeline import dist
 from stages import load_stage_config, stage_module
 from stages.common import StageContext
@@ -23,8 +25,19 @@ from stages.inputs import input_fingerprints
 RESULT_FILE = "result.json"
 
 
+def stage_spec(pipeline: Pipeline, spec: StageSpec, workdir: Path,
+               parent_run_id: str | None) -> dict[str, Any]:
+    """What a stage process needs, as plain JSON: the file ``main`` reads, the SLURM job's
+    argument. Its paths are absolute (the overrides' too), so the stage loads the same config
+    in any working folder."""
+    return {"recipe": str(spec.recipe), "overrides": spec.overrides,
+            "workdir": str(Path(workdir).resolve()), "pipeline": pipeline.name,
+            "stage": spec.name, "parent_run_id": parent_run_id, "depends_on": spec.depends_on,
+            "data_shards": data_shards(spec.cfg), "processes": spec.processes}
+
+
 def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
-    """Run the stage described by ``spec`` (see launch.runner.stage_spec) on this rank."""
+    """Run the stage described by ``spec`` (see :func:`stage_spec`) on this rank."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _use_granted_cpus()
@@ -61,15 +74,13 @@ def _use_granted_cpus() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from launch.cli import is_user_error
-
     spec = json.loads(Path(argv[0]).read_text())
     try:
         record = run_stage(spec)
     except Exception as err:
         if not is_user_error(err):
             raise
-        print(f"detrforge: stage {spec['stage']} failed: {err}", file=sys.stderr)
+        print(f"detrforge: stage {spec['stage']} failed: {one_line(err)}", file=sys.stderr)
         return 2
     return 0 if record["status"] in ("done", "stopped") else 1
 

@@ -9,6 +9,10 @@ components). Rules, all enforced here so no stage has to repeat them:
   file itself;
 - an unknown key is a :class:`ConfigError` naming the key, the file it came from and the closest
   valid key; a value of the wrong type names the expected type;
+- a field marked with :func:`path_field` holds a filesystem path: a relative value is relative to
+  the file that names it (a recipe, its base, a pipeline file) or, on the command line, to the
+  current folder, and is stored absolute, so a config means the same from any working folder;
+  values with a scheme (``stage:x``, ``models:/x@y``, ``s3://...``) are references, kept as written;
 - :func:`config_hash` is a stable hash of the resolved values (not of the files' text), so two
   recipes that resolve to the same config share it.
 """
@@ -19,6 +23,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,10 +35,82 @@ import yaml
 
 T = TypeVar("T")
 COMMAND_LINE = "<command line>"
+PATH_METADATA = "path"
+# "stage:name", "models:/name@alias", "s3://bucket" are references, not paths; two letters at
+# least, so that a Windows drive ("C:") is not taken for a scheme.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit its schema; the message says where and how to fix."""
+
+
+def path_field(**kwargs: Any) -> Any:
+    """A dataclass field holding a filesystem path (see the module docstring for how a relative
+    value is resolved). Takes ``dataclasses.field``'s keyword arguments (``default=None``...)."""
+    return dataclasses.field(metadata={PATH_METADATA: True}, **kwargs)
+
+
+def resolve_path(value: str, base: str | Path) -> str:
+    """``value`` made absolute against the folder ``base``; references and "" are kept."""
+    if not value or _SCHEME.match(value):
+        return value
+    path = os.path.expanduser(value)
+    # normpath, not resolve(): a symlinked data folder keeps the name the user gave it.
+    return os.path.normpath(os.path.join(os.fspath(base), path))
+
+
+def _origin_folder(origin: str) -> Path | None:
+    """The folder a relative path from ``origin`` is relative to (None: leave it as written)."""
+    if origin == COMMAND_LINE:
+        return Path.cwd()
+    if origin.startswith("<"):  # a mapping built in code ("<dict>"): no file to be relative to
+        return None
+    return Path(origin).absolute().parent
+
+
+def _schema_field(schema: Any, dotted: str) -> dataclasses.Field | None:
+    """The dataclass field that a dotted key names (through nested and Optional dataclasses)."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        schema = _dataclass_of(_field_types(schema).get(part))
+        if schema is None:
+            return None
+    fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
+    return fields.get(leaf)
+
+
+def _field_types(schema: Any) -> dict[str, Any]:
+    return typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+
+
+def _dataclass_of(tp: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):  # Optional[SomeConfig]
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def absolutize_overrides(overrides: list[str], schema: type, base: str | Path) -> list[str]:
+    """Overrides with the relative values of path fields made absolute against ``base``.
+
+    For overrides written in a file (a pipeline's ``overrides:``), which would otherwise be read
+    as command-line ones (relative to the current folder) wherever the stage is loaded again.
+    """
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        field = _schema_field(schema, key.strip()) if sep else None
+        try:
+            value = yaml.safe_load(raw) if field is not None and raw.strip() else None
+        except yaml.YAMLError:
+            value = None  # load_config reports it with the key
+        if field is not None and field.metadata.get(PATH_METADATA) and isinstance(value, str):
+            item = f"{key.strip()}={resolve_path(value, base)}"
+        out.append(item)
+    return out
 
 
 def read_recipe(path: str | Path) -> tuple[dict, dict[str, str]]:
@@ -47,7 +126,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
     bases = data.pop("base", None) or []
@@ -59,6 +138,11 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str
         origins.update(base_origins)
     origins.update({key: str(path) for key in _dotted_keys(data)})
     return deep_merge(merged, data), origins
+
+
+def _one_line(err: Exception) -> str:
+    """YAML's messages span lines (with a caret under the column); the CLI prints one."""
+    return " ".join(str(err).split())
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -96,7 +180,11 @@ def apply_overrides(data: dict, overrides: list[str], origins: dict[str, str]) -
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a mapping")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({_one_line(err)})") from None
         origins[key] = COMMAND_LINE
     return data
 
@@ -130,6 +218,10 @@ def from_dict(schema: type[T], data: dict, origins: dict[str, str] | None = None
     for name, value in data.items():
         dotted = prefix + name
         kwargs[name] = _convert(hints[name], value, dotted, origins, default_origin)
+        if fields[name].metadata.get(PATH_METADATA) and isinstance(kwargs[name], str):
+            folder = _origin_folder(_where(dotted, origins, default_origin))
+            if folder is not None:
+                kwargs[name] = resolve_path(kwargs[name], folder)
     try:
         return schema(**kwargs)
     except TypeError as err:  # a required field without default is missing
@@ -194,17 +286,27 @@ def _convert(tp: Any, value: Any, dotted: str, origins: dict[str, str], default:
 
 def _convert_scalar(tp: Any, value: Any, dotted: str, origins: dict[str, str], default: str) -> Any:
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), dotted, origins, default)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(number, dotted, origins, default)
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     if tp is type(None) and value is None:
         return None
     raise _type_error(dotted, tp, value, origins, default)
+
+
+def _finite(number: float, dotted: str, origins: dict[str, str], default: str) -> float:
+    """NaN and inf are never meant (a learning rate of nan trains nothing, silently)."""
+    if not math.isfinite(number):
+        raise ConfigError(f"{_where(dotted, origins, default)}: '{dotted}' must be a finite "
+                          f"number, got {number}")
+    return number
 
 
 def _type_error(dotted: str, tp: Any, value: Any, origins: dict[str, str], default: str) -> ConfigError:

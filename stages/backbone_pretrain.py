@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from pipeline import dist
+from pipeline.config import path_field
 from pipeline.data.classification import ClassificationDataConfig, build_classification_loader
 from pipeline.data.collate import model_images
 from pipeline.engine.optim import OptimizerConfig
@@ -44,7 +45,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)  # ZeRO stage, precision
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, rhythm, processes
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
-    init_from: str | None = None  # export to start from: path, stage:<name> or models:/<name>@<alias>
+    init_from: str | None = path_field(default=None)  # export to start from: path, stage:<name> or models:/<name>@<alias>
 
 
 def build_classifier(cfg: ClassifierConfig, num_classes: int) -> nn.Module:

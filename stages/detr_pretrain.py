@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipeline.config import path_field
 from pipeline.data.detection import DetectionDataConfig
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
@@ -33,8 +34,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, rhythm, processes
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     eval: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)  # COCO evaluation
-    backbone_init: str | None = None  # stage-1 export for the backbone: path, stage:<name>, models:/...
-    init_from: str | None = None  # whole-detector export to start from (resume order 2)
+    backbone_init: str | None = path_field(default=None)  # stage-1 export for the backbone: path, stage:<name>, models:/...
+    init_from: str | None = path_field(default=None)  # whole-detector export to start from (resume order 2)
 
 
 def run(cfg: Config, ctx: StageContext, inputs: dict[str, str] | None = None) -> StageResult:

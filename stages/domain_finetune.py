@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from pipeline.config import path_field
 from pipeline.data.detection import DetectionDataConfig
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
@@ -29,7 +30,9 @@ class Config:
     """Domain fine-tuning recipe."""
 
     data: DetectionDataConfig  # the new domain's detection shards
-    init_from: str  # the detector export: path, stage:<name> or models:/<name>@<alias>
+    # The detector export: path, stage:<name> or models:/<name>@<alias>; null trains from scratch
+    # (a baseline). Required, so that a recipe says which.
+    init_from: str | None = path_field()
     model: DetectorConfig = field(default_factory=DetectorConfig)  # must match the export's architecture
     criterion: CriterionConfig = field(default_factory=CriterionConfig)  # matching and loss weights
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW + schedule

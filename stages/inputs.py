@@ -59,9 +59,18 @@ def _download_registered(uri: str, ctx) -> Path:
 
 
 def data_fingerprint(shards_root: str | Path) -> str:
-    """sha256 over the `_info.json` of every split: changes when the shard set changes."""
+    """sha256 over the `_info.json` of every split: changes when the shard set changes.
+
+    A folder without shard sets is an error: its fingerprint would be that of "nothing", and a
+    finished stage would look outdated (and be retrained) because its data moved or was unmounted.
+    """
+    infos = sorted(Path(shards_root).glob("*/_info.json"))
+    if not infos:
+        what = "has no <split>/_info.json" if Path(shards_root).is_dir() else "does not exist"
+        raise InputError(f"data.shards: {shards_root} {what}; make the shards (detrforge data "
+                         "...) or point data.shards at them (relative to the recipe that names it)")
     digest = hashlib.sha256()
-    for info in sorted(Path(shards_root).glob("*/_info.json")):
+    for info in infos:
         digest.update(info.parent.name.encode())
         digest.update(info.read_bytes())
     return digest.hexdigest()[:16]

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import path_field
 from pipeline.data.detection import DetectionDataConfig
 from pipeline.data.shards import load_shard_info
 from pipeline.engine.optim import OptimizerConfig
@@ -48,8 +49,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, rhythm, processes
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     eval: SegmentationEvalConfig = field(default_factory=SegmentationEvalConfig)  # segm AP, PQ, mIoU
-    panoptic_annotations: str | None = None  # folder of panoptic_<split>.json + PNGs; None = <shards>/annotations
-    init_from: str | None = None  # detector (or segmenter) export: path, stage:<name>, models:/...
+    panoptic_annotations: str | None = path_field(default=None)  # folder of panoptic_<split>.json + PNGs; None = <shards>/annotations
+    init_from: str | None = path_field(default=None)  # detector (or segmenter) export: path, stage:<name>, models:/...
 
     def __post_init__(self) -> None:
         if self.criterion.masks is None:
