@@ -1,7 +1,10 @@
 """Model registry: register a stage's export, list versions, move aliases, fetch a model by URI.
 
-An export folder (`model.safetensors` + `meta.json`) is logged as plain artifacts of the stage's
-run under `export/` and registered as a model version whose source is that folder. MLflow keeps
+An export folder (`model.safetensors` + `meta.json`) is registered as an MLflow pyfunc model: a
+folder with an `MLmodel` file and the export as its artifact (`pipeline.inference.pyfunc`), logged
+under the stage's run as `export/` and registered as a model version whose source is that folder,
+so `mlflow.pyfunc.load_model("models:/name@alias")` and `mlflow models serve` work on it. Versions
+registered before that (the export's files at the top of the source) still resolve. MLflow keeps
 the alias `latest` for itself: it always means the newest version, so it is never set, only
 resolved (`models:/name@latest`) and shown by `list_models` on the newest version.
 MLflow is reached through `pipeline.tracking` (the library's only module that imports it).
@@ -17,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking import MlflowTracker, Tracker, import_mlflow, mlflow_client
+from pipeline.tracking import (
+    MlflowTracker,
+    Tracker,
+    experiment_artifact_location,
+    import_mlflow,
+    mlflow_client,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +147,14 @@ def _free_artifact_path(client, run_id: str) -> str:
 def _register(
     client, run_id: str, export_dir: Path, name: str, tags: Mapping, aliases: tuple
 ) -> int:
+    import tempfile
+
+    from pipeline.inference.pyfunc import save_pyfunc_model
+
     artifact_path = _free_artifact_path(client, run_id)
-    client.log_artifacts(run_id, str(export_dir), artifact_path=artifact_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_pyfunc_model(export_dir, Path(tmp) / "model")
+        client.log_artifacts(run_id, str(model_dir), artifact_path=artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     try:
         client.create_registered_model(name)
@@ -242,10 +257,39 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst: str | Path) -> Path:
         local = import_mlflow().artifacts.download_artifacts(
             artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri
         )
-    missing = [f for f in EXPORT_FILES if not (Path(local) / f).is_file()]
+    local = _export_of_version(Path(local))
+    missing = [f for f in EXPORT_FILES if not (local / f).is_file()]
     if missing:
         raise RegistryError(
             f"pipeline/registry.py: {uri} (version {mv.version}, {mv.source}) lacks "
             f"{', '.join(missing)}; register an export folder made by the checkpoint export"
         )
-    return Path(local)
+    return local
+
+
+def _export_of_version(local: Path) -> Path:
+    """The export folder of a downloaded version: inside the pyfunc model folder, or (versions
+    registered as plain artifacts) the download itself."""
+    if all((local / name).is_file() for name in EXPORT_FILES):
+        return local
+    from pipeline.inference.pyfunc import export_in_model_folder
+
+    return export_in_model_folder(local) or local
+
+
+def register_export(export_dir: str | Path, name: str, tracking_uri: str,
+                    tags: Mapping[str, Any] | None = None, experiment: str = "detrforge") -> int:
+    """Register an export made outside a stage (`detrforge export --register`) under a new run
+    of `experiment`, named after the model; returns the version number."""
+    _check_export(Path(export_dir))
+    with _registry_errors(f"registering {name}", tracking_uri):
+        client = mlflow_client(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=experiment_artifact_location(tracking_uri, experiment))
+        run = client.create_run(experiment_id, run_name=f"{name}-export",
+                                tags={"detrforge.source": "detrforge export"})
+        version = _register(client, run.info.run_id, Path(export_dir), name, tags or {},
+                            (LATEST_ALIAS,))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return version
