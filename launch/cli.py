@@ -64,15 +64,9 @@ def _add_pipeline_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate an export or a registered model on shards")
-    ev.add_argument("model", help="export folder, or models:/<name>@<alias>")
-    ev.add_argument("--data", required=True, help="validation shard folder")
-    _add_workdir(ev)
-    ev.set_defaults(handler=_cmd_eval)
+    from launch import model_cli
 
-    ex = sub.add_parser("export", help="export a stage's latest checkpoint as model.safetensors")
-    ex.add_argument("run_folder", help="a stage run folder (<workdir>/<pipeline>/<stage>)")
-    ex.set_defaults(handler=_cmd_export)
+    model_cli.register(sub)  # predict, eval, export
 
     reg = sub.add_parser("registry", help="the MLflow model registry of the workdir")
     reg_sub = reg.add_subparsers(dest="registry_cmd", metavar="{list,promote}", required=True)
@@ -169,18 +163,6 @@ def _cmd_cancel(args) -> int:
     from launch.runner import cancel_pipeline
 
     return cancel_pipeline(args.target, Path(args.workdir))
-
-
-def _cmd_eval(args) -> int:
-    from launch.runner import evaluate_model
-
-    return evaluate_model(args.model, Path(args.data), Path(args.workdir))
-
-
-def _cmd_export(args) -> int:
-    from launch.runner import export_run
-
-    return export_run(Path(args.run_folder))
 
 
 def _registry_uri(workdir: Path) -> str | None:

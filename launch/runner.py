@@ -24,7 +24,6 @@ from launch.graph import (
     stage_status,
 )
 from launch.stage_main import RESULT_FILE, stage_spec
-from pipeline.config import ConfigError
 from stages.common import read_done
 
 CONFIGS_DIR = Path(configs.__file__).resolve().parent
@@ -191,16 +190,3 @@ def cancel_pipeline(target: str | Path, workdir: Path) -> int:
     from launch.slurm_submit import cancel
 
     return cancel(load_target(target, []), workdir)
-
-
-def export_run(run_folder: Path) -> int:
-    export = run_folder / "export"
-    if (export / "model.safetensors").is_file():
-        print(f"{export} is the stage's export (written when the stage finished)")
-        return 0
-    raise ConfigError(f"{run_folder} has no export yet: finish the stage with `detrforge run`")
-
-
-def evaluate_model(model: str, data: Path, workdir: Path) -> int:
-    raise ConfigError("detrforge eval is not available yet: the stages evaluate at their end "
-                      "(see DONE.json and MLflow)")
