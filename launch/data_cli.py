@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from launch.data_check_cli import register_checks
 from launch.errors import one_line
 
 EXIT_DATA_ERROR = 2
@@ -39,7 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     data = subparsers.add_parser("data", help="make sample data and convert data sets to shards")
     sub = data.add_subparsers(
         dest="data_cmd",
-        metavar="{imagefolder-to-shards,coco-to-shards,make-samples}",
+        metavar="{imagefolder-to-shards,coco-to-shards,make-samples,check,yolo-to-coco,"
+        "voc-to-coco}",
         required=True,
     )
 
@@ -91,6 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes"
     )
     samples.set_defaults(handler=_cmd_make_samples)
+    register_checks(sub)
     return data
 
 
