@@ -11,26 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-from launch.errors import EXIT_USAGE, is_user_error, one_line
+from launch.errors import EXIT_USAGE, CliError, is_user_error, one_line
+from launch.workdir import add_workdir as _add_workdir
+from launch.workdir import default_workdir
 
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit code 2."""
+__all__ = ["CliError", "build_parser", "default_workdir", "main"]
 
 
 # Commands whose ``overrides`` positional takes ``key=value`` tokens; argparse stops filling a
 # positional at the first option, so tokens after ``--workdir DIR`` are collected in main().
 OVERRIDES_HELP = "dotted key=value overrides, anywhere on the line"
-
-
-def default_workdir() -> str:
-    return os.environ.get("DETRFORGE_WORKDIR", "runs")
-
-
-def _add_workdir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default=default_workdir(),
-                        help="where runs, checkpoints and the MLflow store live "
-                             "(default: $DETRFORGE_WORKDIR or ./runs)")
 
 
 def _add_pipeline_commands(sub) -> None:

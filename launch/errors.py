@@ -6,6 +6,10 @@ from __future__ import annotations
 EXIT_USAGE = 2  # exit code of a one-line user error (argparse uses it for bad usage too)
 
 
+class CliError(Exception):
+    """A user-facing failure found by a command handler: printed as one line, exit code 2."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """Typed errors of detrforge's own packages (bad config, data, checkpoint...) and missing
     files carry a message that names the file and the fix: print it, not a traceback."""

@@ -16,7 +16,7 @@ import yaml
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from launch.cli import default_workdir
+    from launch.workdir import default_workdir
 
     parser.add_argument("--workdir", default=default_workdir(),
                         help="workdir whose MLflow store resolves models:/ URIs (default: "
@@ -157,7 +157,7 @@ def cmd_eval(args) -> int:
     from pipeline.inference.evaluate import evaluate_batches, format_report, raw_coco_batches
 
     if bool(args.data) == bool(args.annotations and args.images):
-        from launch.cli import CliError
+        from launch.errors import CliError
 
         raise CliError("detrforge eval: give --data SPLIT, or --annotations COCO.json with --images DIR")
     predictor = _predictor(args)
