@@ -123,9 +123,8 @@ def detection_parts(ctx: StageContext, env: dist.DistEnv, data: DetectionDataCon
     val_loader = build_detection_loader(data, "val", env.rank, env.world_size)
     model_cfg = dataclasses.replace(model_cfg, num_classes=train_loader.num_classes)
     model = build_detector(model_cfg)
-    focal = model_cfg.kind != "detr"
-    criterion = build_dino_criterion(dataclasses.replace(criterion_cfg, matcher=dataclasses.replace(
-        criterion_cfg.matcher, focal=focal)), train_loader.num_classes)
+    focal = model_cfg.focal
+    criterion = build_dino_criterion(criterion_cfg, train_loader.num_classes, focal)
     annotations = load_shard_info(Path(data.shards) / "val").annotation_path
     if annotations is None:
         raise FileNotFoundError(f"{data.shards}/val has no annotation file beside its shards; "
@@ -142,6 +141,6 @@ def detection_parts(ctx: StageContext, env: dist.DistEnv, data: DetectionDataCon
         meta={"kind": "detector", "detector": dataclasses.asdict(model_cfg),
               "class_names": names, "categories": train_loader.categories,
               "data_fingerprint": data_fingerprint(data.shards)},
-        is_backbone=lambda name: name.startswith("backbone."),
+        group_of=model.param_group,
         init_from=init_from,
     )

@@ -19,7 +19,7 @@ from pipeline.data.shards import load_shard_info
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
 from pipeline.losses.masks import MaskLossConfig
-from pipeline.losses.set_criterion import CriterionConfig, build_criterion
+from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
 from pipeline.models.mask_head import SegmenterConfig, build_segmenter
 from pipeline.tracking import TrackingConfig
 from stages.common import StageContext, StageParts, StageResult, TrainConfig, train_stage
@@ -69,14 +69,14 @@ def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
     num_classes = len(train_view.categories)
     detector = dataclasses.replace(cfg.model.detector, num_classes=num_classes)
     model_cfg = dataclasses.replace(cfg.model, detector=detector)
-    criterion = build_criterion(cfg.criterion, num_classes)
+    criterion = SetCriterion.from_config(cfg.criterion, num_classes, detector.focal)
     instances = load_shard_info(Path(data.shards) / "val").annotation_path
-    return StageParts(
     model = build_segmenter(model_cfg)
+    return StageParts(
         model=model, loader=train_loader,
         task_step=segmentation_task_step(criterion, cfg.criterion.weights.as_dict(),
                                          detector.backbone.freeze_steps),
-        evaluate=segmentation_evaluate(val_loader, val_view, instances, cfg.criterion.matcher.focal, cfg.eval,
+        evaluate=segmentation_evaluate(val_loader, val_view, instances, detector.focal, cfg.eval,
                                        ctx.run_dir / "artifacts" / "segmentation"),
         micro_batch_size=data.batch_size, main_metric="PQ",
         images_per_step=data.batch_size * env.world_size,

@@ -9,12 +9,11 @@ from pipeline.losses.classification import (
 )
 from pipeline.losses.focal import sigmoid_focal_loss
 from pipeline.losses.masks import MaskLossConfig, dice_loss, mask_losses, point_sample
-from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
+from pipeline.losses.matcher import HungarianMatcher, MatcherConfig
 from pipeline.losses.set_criterion import (
     CriterionConfig,
     LossWeights,
     SetCriterion,
-    build_criterion,
 )
 
 __all__ = [
@@ -27,8 +26,6 @@ __all__ = [
     "MatcherConfig",
     "SetCriterion",
     "build_classification_loss",
-    "build_criterion",
-    "build_matcher",
     "dice_loss",
     "label_smoothing_cross_entropy",
     "mask_losses",

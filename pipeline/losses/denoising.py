@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.boxes import box_cxcywh_to_xyxy, box_iou
-from pipeline.losses.matcher import HungarianMatcher, build_matcher
+from pipeline.losses.matcher import HungarianMatcher
 from pipeline.losses.set_criterion import (
     CriterionConfig,
     SetCriterion,
@@ -109,10 +109,12 @@ class DinoCriterion(SetCriterion):
         return losses
 
 
-def build_dino_criterion(cfg: CriterionConfig, num_classes: int) -> DinoCriterion:
-    """The criterion of ``cfg`` with its ``class_loss``, groups and denoising losses."""
-    return DinoCriterion(num_classes, build_matcher(cfg.matcher), class_loss=cfg.class_loss,
-                         focal=cfg.matcher.focal, focal_alpha=cfg.focal_alpha,
+def build_dino_criterion(cfg: CriterionConfig, num_classes: int, focal: bool) -> DinoCriterion:
+    """The criterion of ``cfg`` with its ``class_loss``, groups and denoising losses; ``focal``
+    is the model's (``DetectorConfig.focal``)."""
+    matcher = HungarianMatcher.from_config(cfg.matcher, focal, cfg.focal_alpha, cfg.focal_gamma)
+    return DinoCriterion(num_classes, matcher, class_loss=cfg.class_loss,
+                         focal=focal, focal_alpha=cfg.focal_alpha,
                          focal_gamma=cfg.focal_gamma, eos_coef=cfg.eos_coef, mask_loss=cfg.masks)
 
 

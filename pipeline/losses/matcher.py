@@ -14,6 +14,7 @@ points per image, never a full-resolution (Q, T, H, W) tensor).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -33,16 +34,26 @@ NONFINITE_COST_MARGIN = 1e6
 FOCAL_COST_EPS = 1e-8
 
 
+def check_focal(alpha: float, gamma: float, owner: str) -> None:
+    """Raise ValueError unless alpha lies in [0, 1] and gamma >= 0 (focal cost and loss)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{owner}: focal_alpha must lie in [0, 1], got {alpha}")
+    if gamma < 0:
+        raise ValueError(f"{owner}: focal_gamma must be >= 0, got {gamma}")
+
+
 @dataclass
 class MatcherConfig:
-    """Weights of the matching cost; defaults are Deformable-DETR's (DETR uses cost_class=1)."""
+    """Weights of the matching cost; defaults are Deformable-DETR's (DETR uses cost_class=1).
+
+    Whether the class cost is focal follows the model (``DetectorConfig.focal``), and its
+    alpha / gamma are the criterion's (``CriterionConfig.focal_alpha`` / ``focal_gamma``), so
+    matching and loss never disagree; ``HungarianMatcher.from_config`` takes them from there.
+    """
 
     cost_class: float = 2.0  # weight of the classification cost
     cost_bbox: float = 5.0  # weight of the L1 distance between cx, cy, w, h boxes
     cost_giou: float = 2.0  # weight of the negative generalized IoU
-    focal: bool = True  # sigmoid focal cost (Deformable-DETR); False: -softmax prob (DETR)
-    focal_alpha: float = 0.25  # focal cost's alpha (balance of positives and negatives)
-    focal_gamma: float = 2.0  # focal cost's gamma (down-weights easy examples)
     cost_mask: float = 0.0  # weight of the sigmoid BCE between sampled mask points (Mask2Former: 5); 0 = off
     cost_dice: float = 0.0  # weight of the dice cost between sampled mask points (Mask2Former: 5); 0 = off
     mask_points: int = 12544  # points drawn per image for the mask costs (Mask2Former: 112 * 112)
@@ -50,22 +61,12 @@ class MatcherConfig:
     def __post_init__(self) -> None:
         if self.mask_points < 1:
             raise ValueError(f"MatcherConfig.mask_points must be >= 1, got {self.mask_points}")
-        for name in ("cost_class", "cost_bbox", "cost_giou", "focal_gamma", "cost_mask", "cost_dice"):
+        for name in ("cost_class", "cost_bbox", "cost_giou", "cost_mask", "cost_dice"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
             raise ValueError("MatcherConfig: cost_class, cost_bbox and cost_giou are all 0; "
                              "set at least one of them > 0")
-        if not 0.0 <= self.focal_alpha <= 1.0:
-            raise ValueError(f"MatcherConfig.focal_alpha must lie in [0, 1], got {self.focal_alpha}")
-
-
-def build_matcher(cfg: MatcherConfig) -> HungarianMatcher:
-    """The matcher described by ``cfg``."""
-    return HungarianMatcher(cost_class=cfg.cost_class, cost_bbox=cfg.cost_bbox,
-                            cost_giou=cfg.cost_giou, focal=cfg.focal,
-                            focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
-                            cost_mask=cfg.cost_mask, cost_dice=cfg.cost_dice, mask_points=cfg.mask_points)
 
 
 def check_detection_inputs(outputs: dict, targets: list[dict], num_classes: int) -> None:
@@ -110,13 +111,21 @@ class HungarianMatcher(nn.Module):
                  focal: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  cost_mask: float = 0.0, cost_dice: float = 0.0, mask_points: int = 12544) -> None:
         super().__init__()
-        MatcherConfig(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma,
-                      cost_mask, cost_dice, mask_points)  # validates
+        MatcherConfig(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
+                      cost_mask=cost_mask, cost_dice=cost_dice, mask_points=mask_points)  # validates
+        check_focal(focal_alpha, focal_gamma, "HungarianMatcher")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.cost_mask, self.cost_dice, self.mask_points = cost_mask, cost_dice, mask_points
         self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
         # How many cost entries were NaN/inf since construction (a symptom of a diverging model).
         self.num_nonfinite_costs = 0
+
+    @classmethod
+    def from_config(cls, cfg: MatcherConfig, focal: bool, focal_alpha: float = 0.25,
+                    focal_gamma: float = 2.0) -> HungarianMatcher:
+        """The matcher of ``cfg`` for a focal (sigmoid) or softmax head; see ``MatcherConfig``."""
+        return cls(**dataclasses.asdict(cfg), focal=focal, focal_alpha=focal_alpha,
+                   focal_gamma=focal_gamma)
 
     def classification_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
         """(P, C) or (P, C+1) fp32 logits, (T,) labels -> (P, T) classification cost."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pipeline.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from pipeline.losses.focal import sigmoid_focal_loss
 from pipeline.losses.masks import MaskLossConfig, mask_losses, pad_masks
-from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, build_matcher
+from pipeline.losses.matcher import HungarianMatcher, MatcherConfig, check_focal
 
 # "loss_ce_3" -> "loss_ce", "loss_giou_enc" -> "loss_giou", "loss_bbox_dn_2" -> "loss_bbox"
 # (DINO's denoising losses): auxiliary, encoder and denoising keys share the base weight.
@@ -70,12 +70,13 @@ class LossWeights:
 
 @dataclass
 class CriterionConfig:
-    """Matching and loss settings of a DETR-family detector."""
+    """Matching and loss settings of a DETR-family detector. Whether the class loss is focal
+    follows the model (``DetectorConfig.focal``): see ``SetCriterion.from_config``."""
 
     matcher: MatcherConfig = field(default_factory=MatcherConfig)  # matching cost weights
     weights: LossWeights = field(default_factory=LossWeights)  # weights of the summed loss
-    focal_alpha: float = 0.25  # focal loss alpha (focal heads only)
-    focal_gamma: float = 2.0  # focal loss gamma (focal heads only)
+    focal_alpha: float = 0.25  # focal loss and matching cost alpha (focal heads only)
+    focal_gamma: float = 2.0  # focal loss and matching cost gamma (focal heads only)
     eos_coef: float = 0.1  # weight of the no-object class in the softmax loss (DETR heads only)
     class_loss: str = "focal"  # focal heads: "focal" | "varifocal" (matched box IoU as soft target; losses/denoising.py)
     masks: MaskLossConfig | None = None  # mask losses for segmentation heads; None = boxes only
@@ -87,21 +88,11 @@ class CriterionConfig:
             self.matcher = MatcherConfig(**self.matcher)
         if isinstance(self.weights, dict):
             self.weights = LossWeights(**self.weights)
-        if not 0.0 <= self.focal_alpha <= 1.0:
-            raise ValueError(f"CriterionConfig.focal_alpha must lie in [0, 1], got {self.focal_alpha}")
-        if self.focal_gamma < 0:
-            raise ValueError(f"CriterionConfig.focal_gamma must be >= 0, got {self.focal_gamma}")
+        check_focal(self.focal_alpha, self.focal_gamma, "CriterionConfig")
         if self.class_loss not in ("focal", "varifocal"):
             raise ValueError(f"criterion.class_loss must be 'focal' or 'varifocal', got {self.class_loss!r}")
         if not 0.0 <= self.eos_coef <= 1.0:
             raise ValueError(f"CriterionConfig.eos_coef must lie in [0, 1], got {self.eos_coef}")
-
-
-def build_criterion(cfg: CriterionConfig, num_classes: int) -> SetCriterion:
-    """The criterion for a head with ``num_classes`` object classes (no-object excluded)."""
-    return SetCriterion(num_classes=num_classes, matcher=build_matcher(cfg.matcher),
-                        focal=cfg.matcher.focal, focal_alpha=cfg.focal_alpha,
-                        focal_gamma=cfg.focal_gamma, eos_coef=cfg.eos_coef, mask_loss=cfg.masks)
 
 
 def average_num_boxes(targets: list[dict], device: torch.device) -> Tensor:
@@ -143,6 +134,14 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: CriterionConfig, num_classes: int, focal: bool) -> SetCriterion:
+        """The criterion (and its matcher) of ``cfg`` for a head with ``num_classes`` object
+        classes (no-object excluded), focal (sigmoid) or softmax as ``DetectorConfig.focal``."""
+        matcher = HungarianMatcher.from_config(cfg.matcher, focal, cfg.focal_alpha, cfg.focal_gamma)
+        return cls(num_classes, matcher, focal=focal, focal_alpha=cfg.focal_alpha,
+                   focal_gamma=cfg.focal_gamma, eos_coef=cfg.eos_coef, mask_loss=cfg.masks)
 
     def expected_logit_dim(self) -> int:
         return self.num_classes if self.focal else self.num_classes + 1

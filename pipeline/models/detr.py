@@ -54,6 +54,12 @@ class DetectorConfig:
     train_query_groups: int = 1  # dino: Group-DETR, K query groups matched separately in training (1 at inference)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # feature extractor
 
+    @property
+    def focal(self) -> bool:
+        """Whether the class head is sigmoid/focal (C logits) rather than softmax with no-object
+        (C + 1): the one owner of the head type that matcher, criterion and post-processing follow."""
+        return self.kind != "detr"
+
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from pipeline.losses import HungarianMatcher, MatcherConfig, build_matcher
+from pipeline.losses import HungarianMatcher, MatcherConfig
 
 
 def random_batch(sizes: list[int], num_queries: int = 6, num_logits: int = 4, seed: int = 0):
@@ -150,5 +150,8 @@ def test_config_validation_and_build():
         MatcherConfig(cost_class=0, cost_bbox=0, cost_giou=0)
     with pytest.raises(ValueError, match="focal_alpha"):
         HungarianMatcher(focal_alpha=1.5)
-    matcher = build_matcher(MatcherConfig(cost_class=1.0, focal=False))
-    assert matcher.cost_class == 1.0 and not matcher.focal
+    matcher = HungarianMatcher.from_config(MatcherConfig(cost_class=1.0, cost_mask=3.0), focal=False)
+    assert matcher.cost_class == 1.0 and matcher.cost_mask == 3.0 and not matcher.focal
+    assert matcher.focal_alpha == 0.25 and matcher.focal_gamma == 2.0
+    with pytest.raises(TypeError):
+        MatcherConfig(focal=False)  # the head type is the model's: DetectorConfig.focal

@@ -17,7 +17,6 @@ from pipeline.losses import (
     LossWeights,
     MaskLossConfig,
     SetCriterion,
-    build_criterion,
     dice_loss,
     label_smoothing_cross_entropy,
     mask_losses,
@@ -26,6 +25,7 @@ from pipeline.losses import (
 )
 from pipeline.losses.masks import sigmoid_bce_loss, uncertain_point_coords
 from pipeline.losses.set_criterion import average_num_boxes
+from pipeline.models.detr import DetectorConfig
 
 
 class FixedMatcher:
@@ -199,9 +199,13 @@ def test_mismatched_heads_raise_clear_errors():
 
 
 def test_build_criterion_from_yaml_like_dicts():
-    cfg = CriterionConfig(matcher={"focal": False, "cost_class": 1.0}, weights={"ce": 1.0})
-    criterion = build_criterion(cfg, num_classes=4)
-    assert not criterion.focal and criterion.empty_weight.tolist() == pytest.approx([1, 1, 1, 1, 0.1])
+    cfg = CriterionConfig(matcher={"cost_class": 1.0}, weights={"ce": 1.0}, focal_alpha=0.3)
+    criterion = SetCriterion.from_config(cfg, num_classes=4, focal=DetectorConfig(kind="detr").focal)
+    assert not criterion.focal and not criterion.matcher.focal
+    assert criterion.empty_weight.tolist() == pytest.approx([1, 1, 1, 1, 0.1])
+    focal = SetCriterion.from_config(cfg, num_classes=4, focal=DetectorConfig(kind="deformable").focal)
+    assert focal.focal and focal.matcher.focal and focal.matcher.cost_class == 1.0
+    assert focal.focal_alpha == focal.matcher.focal_alpha == 0.3  # one alpha for loss and matching
     assert cfg.weights.as_dict()["loss_ce"] == 1.0
 
 
