@@ -1,22 +1,24 @@
 """Images in (paths, PIL images, uint8 arrays, encoded bytes) -> the model's padded batch.
 
-The resize is the recipe's evaluation resize (``DetectionEval``) and the batch is built by the
-training code's own ``collate_detection``, so an image seen by ``Predictor`` reaches the model
-exactly as the stage's evaluation fed it.
+Encoded images (paths, bytes) are opened lazily, as the loaders do, so the evaluation resize
+(``DetectionEval``) decodes a JPEG at the same reduced DCT scale; the uint8 batch is built by the
+loaders' own ``collate_detection``. An image seen by ``Predictor`` thus reaches the model exactly
+as the stage's evaluation fed it.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.data.collate import collate_detection
-from pipeline.data.transforms import DetectionEval, image_to_tensor
+from pipeline.data.decoding import open_image
+from pipeline.data.errors import SkipSample
+from pipeline.data.transforms import DetectionEval, to_model_inputs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ImageInput = str | Path | Image.Image | np.ndarray | bytes
@@ -26,12 +28,12 @@ class ImageDecodeError(ValueError):
     """An input image cannot be read or decoded."""
 
 
-def _decode_bytes(data: bytes, name: str) -> Image.Image:
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    """Header read only: the resize decodes it (at a reduced scale for large JPEGs)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")  # convert() loads fully, so truncation shows here
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ImageDecodeError(f"{name}: not a decodable image ({err}); pass a JPEG or PNG") from None
+        return open_image(data, name)
+    except SkipSample:
+        raise ImageDecodeError(f"{name}: not a decodable image; pass a JPEG or PNG") from None
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -42,17 +44,18 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 
 def load_image(item: ImageInput) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image, a uint8 array or encoded bytes."""
+    """A PIL image from a path, a PIL image, a uint8 array or encoded bytes (encoded ones are
+    opened, not yet decoded: a truncated file fails in ``prepare_batch``)."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return item
     if isinstance(item, np.ndarray):
         return _from_array(item)
     if isinstance(item, (bytes, bytearray)):
-        return _decode_bytes(bytes(item), "image bytes")
+        return _open_bytes(bytes(item), "image bytes")
     path = Path(item)
     if not path.is_file():
         raise ImageDecodeError(f"{path}: no such image file")
-    return _decode_bytes(path.read_bytes(), str(path))
+    return _open_bytes(path.read_bytes(), str(path))
 
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
@@ -71,14 +74,18 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 def prepare_batch(images: Sequence[Image.Image], eval_size: int, max_size: int,
                   size_divisibility: int = 1) -> dict:
-    """RGB images of any sizes -> {"images" (B, 3, H, W) normalised, "padding_mask" (B, H, W),
-    "sizes" (B, 2) (h, w) after the resize, "orig_sizes" (B, 2) (h, w) as given}."""
+    """Images of any sizes -> {"images" (B, 3, H, W) uint8 (normalise with ``model_images``),
+    "padding_mask" (B, H, W), "sizes" (B, 2) (h, w) after the resize, "orig_sizes" (B, 2)}."""
     resize = DetectionEval(eval_size, max_size)
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     samples, orig = [], []
     for image in images:
-        resized, _ = resize(image, dict(empty))
-        samples.append((image_to_tensor(resized), {}))
+        empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+        try:
+            resized, target = resize(image, empty)
+        except SkipSample as skip:
+            name = getattr(image, "filename", "") or "image"
+            raise ImageDecodeError(f"{name}: not a decodable image ({skip.detail})") from None
+        samples.append(to_model_inputs(resized, target))
         orig.append((image.height, image.width))
     batch = collate_detection(samples, size_divisibility=size_divisibility)
     sizes = torch.tensor([list(tensor.shape[1:]) for tensor, _ in samples], dtype=torch.int64)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.collate import model_images
 from pipeline.eval.postprocess import postprocess_detections
 from pipeline.eval.segmentation_inference import (
     PanopticInferenceConfig,
@@ -99,10 +100,11 @@ class Predictor:
 
     @torch.no_grad()
     def forward(self, images: Tensor, padding_mask: Tensor) -> dict:
-        """The model's raw outputs on a padded batch, fp32 on the CPU (pred_logits, pred_boxes,
-        and pred_masks for a segmenter)."""
+        """The model's raw outputs on a padded (B, 3, H, W) uint8 batch, fp32 on the CPU
+        (pred_logits, pred_boxes, and pred_masks for a segmenter)."""
+        inputs = model_images({"images": images, "padding_mask": padding_mask}, self.device, torch.float32)
         with self.autocast():
-            out = self.model(images.to(self.device), padding_mask.to(self.device))
+            out = self.model(inputs, padding_mask.to(self.device))
         keys = ("pred_logits", "pred_boxes", "pred_masks")
         return {k: out[k].float().cpu() for k in keys if k in out}
 
