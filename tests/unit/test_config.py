@@ -8,7 +8,15 @@ from typing import Literal
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, config_hash, load_config, write_resolved
+from pipeline.config import (
+    ConfigError,
+    absolutize_overrides,
+    config_hash,
+    load_config,
+    path_field,
+    resolve_path,
+    write_resolved,
+)
 
 
 @dataclass
@@ -140,3 +148,64 @@ def test_base_cycle_and_missing_file(tmp_path):
         load_config(tmp_path / "a.yaml", RecipeCfg)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", RecipeCfg)
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf", "1e999"])
+def test_non_finite_numbers_are_errors_naming_the_key(tmp_path, value):
+    recipe = write(tmp_path / "r.yaml", {"name": "x"})
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be a finite number"):
+        load_config(recipe, RecipeCfg, [f"optim.lr={value}"])
+    (tmp_path / "f.yaml").write_text(f"optim:\n  lr: {value}\n")
+    with pytest.raises(ConfigError, match=r"f\.yaml: 'optim\.lr' must be a finite"):
+        load_config(tmp_path / "f.yaml", RecipeCfg)
+
+
+def test_null_switches_an_optional_field_off(tmp_path):
+    write(tmp_path / "base.yaml", {"train": {"init_from": "stage:detr"}})
+    recipe = write(tmp_path / "r.yaml", {"base": "base.yaml", "train": {"init_from": None}})
+    assert load_config(recipe, RecipeCfg).train.init_from is None
+    base = tmp_path / "base.yaml"
+    assert load_config(base, RecipeCfg, ["train.init_from=null"]).train.init_from is None
+
+
+@dataclass
+class DataCfg:
+    shards: str = path_field()  # shard root
+    name: str = "plain"  # not a path: never rewritten
+
+
+@dataclass
+class PathsCfg:
+    data: DataCfg
+    init_from: str | None = path_field(default=None)  # export path or a reference
+
+
+def test_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
+    (tmp_path / "recipes" / "base").mkdir(parents=True)
+    write(tmp_path / "recipes" / "base" / "b.yaml", {"data": {"shards": "../../data/x"}})
+    recipe = write(tmp_path / "recipes" / "r.yaml",
+                   {"base": "base/b.yaml", "data": {"name": "../y"}, "init_from": "exports/e"})
+    monkeypatch.chdir(tmp_path / "recipes" / "base")  # the working folder does not matter
+    cfg = load_config(recipe, PathsCfg)
+    assert cfg.data.shards == str(tmp_path / "data" / "x")  # relative to the base file
+    assert cfg.init_from == str(tmp_path / "recipes" / "exports" / "e")  # to the recipe
+    assert cfg.data.name == "../y"
+
+    monkeypatch.chdir(tmp_path)  # on the command line: relative to the current folder
+    cfg = load_config(recipe, PathsCfg, ["data.shards=d", "init_from=stage:detr"])
+    assert cfg.data.shards == str(tmp_path / "d") and cfg.init_from == "stage:detr"
+    cfg = load_config(recipe, PathsCfg, ["init_from=models:/demo.detr@production"])
+    assert cfg.init_from == "models:/demo.detr@production"
+
+
+def test_absolutize_overrides_rewrites_path_fields_only(tmp_path):
+    out = absolutize_overrides(["data.shards=../d", "data.name=../n", "init_from=stage:x",
+                                "init_from=/abs/e", "nokey"], PathsCfg, tmp_path / "pipes")
+    assert out == [f"data.shards={tmp_path / 'd'}", "data.name=../n", "init_from=stage:x",
+                   "init_from=/abs/e", "nokey"]
+
+
+def test_resolve_path_keeps_references():
+    assert resolve_path("s3://bucket/x", "/base") == "s3://bucket/x"
+    assert resolve_path("a/../b", "/base") == "/base/b"
+    assert resolve_path("", "/base") == ""
