@@ -14,11 +14,12 @@ from pipeline.config import path_field
 from pipeline.data.detection import DetectionDataConfig
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
+from pipeline.eval.detection import DetectionEvalConfig
 from pipeline.losses.set_criterion import CriterionConfig
 from pipeline.models.detr import DetectorConfig
 from pipeline.tracking import TrackingConfig
 from stages.common import StageContext, StageResult, TrainConfig, train_stage
-from stages.detection_common import DetectionEvalConfig, detection_parts
+from stages.detection_common import detection_parts
 from stages.inputs import resolve_init
 
 

@@ -15,22 +15,18 @@ from pathlib import Path
 
 from pipeline.config import path_field
 from pipeline.data.detection import DetectionDataConfig
+from pipeline.data.panoptic_view import build_segmentation_loader, load_panoptic_view
 from pipeline.data.shards import load_shard_info
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
+from pipeline.eval.segmentation import SegmentationEvalConfig, segmentation_evaluate
 from pipeline.losses.masks import MaskLossConfig
 from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
 from pipeline.models.mask_head import SegmenterConfig, build_segmenter
 from pipeline.tracking import TrackingConfig
 from stages.common import StageContext, StageParts, StageResult, TrainConfig, train_stage
+from stages.detection_common import set_prediction_step
 from stages.inputs import data_fingerprint, resolve_init
-from stages.segmentation_common import (
-    SegmentationEvalConfig,
-    build_segmentation_loader,
-    load_panoptic_view,
-    segmentation_evaluate,
-    segmentation_task_step,
-)
 
 
 def _default_criterion() -> CriterionConfig:
@@ -74,7 +70,7 @@ def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
     model = build_segmenter(model_cfg)
     return StageParts(
         model=model, loader=train_loader,
-        task_step=segmentation_task_step(criterion, cfg.criterion.weights.as_dict(),
+        task_step=set_prediction_step(criterion, cfg.criterion.weights.as_dict(),
                                          detector.backbone.freeze_steps),
         evaluate=segmentation_evaluate(val_loader, val_view, instances, detector.focal, cfg.eval,
                                        ctx.run_dir / "artifacts" / "segmentation"),

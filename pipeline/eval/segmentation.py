@@ -1,0 +1,117 @@
+"""Segmentation evaluation over a loader: COCO segm AP (things), PQ / SQ / RQ (all, things,
+stuff) and mIoU, measured at the original image size against the original panoptic PNGs and json,
+with pictures of predicted segments.
+
+``runner`` is anything with ``module`` (the model: ``(images, padding_mask) -> outputs``),
+``device``, ``compute_dtype`` and ``autocast()``: a training ``Strategy``, or a wrapper of a plain
+model for inference. Every rank calls ``evaluate(runner)``; the metrics come back on all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import dist
+from pipeline.data.collate import model_images
+from pipeline.data.errors import DataError
+from pipeline.data.panoptic_view import PanopticView
+from pipeline.eval.coco import CocoEvaluator
+from pipeline.eval.panoptic import PanopticEvaluator, read_panoptic_png
+from pipeline.eval.pictures import draw_segments
+from pipeline.eval.segmentation_inference import (
+    PanopticInferenceConfig,
+    instance_inference,
+    panoptic_inference,
+    resize_mask_logits,
+    semantic_inference,
+)
+from pipeline.eval.semantic import SemanticEvaluator, panoptic_to_semantic
+
+
+@dataclass
+class SegmentationEvalConfig:
+    """How the segmenter is evaluated."""
+
+    top_k: int = 100  # instance predictions kept per image for segm AP
+    object_mask_threshold: float = 0.8  # panoptic: queries kept above this class score
+    overlap_threshold: float = 0.8  # panoptic: segments kept when this share of their mask is visible
+    pictures: int = 4  # val images saved with predicted segments and boxes (0 = none)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.pictures < 0:
+            raise ValueError("eval.top_k must be >= 1 and eval.pictures >= 0")
+        PanopticInferenceConfig(self.object_mask_threshold, self.overlap_threshold)  # validates
+
+
+@dataclass
+class SegmentationMetrics:
+    """The three evaluators of one evaluation pass."""
+
+    coco: CocoEvaluator | None
+    panoptic: PanopticEvaluator
+    semantic: SemanticEvaluator
+
+    def summarize(self) -> dict[str, float] | None:
+        """Every rank calls it; the dict on the rank that holds the COCO results, else None."""
+        self.panoptic.gather()
+        self.semantic.gather()
+        main = self.coco.gather() if self.coco is not None else dist.is_main()
+        if not main:
+            return None
+        metrics = {**self.panoptic.summarize(), **self.semantic.summarize()}
+        if self.coco is not None:
+            metrics.update({f"segm_{k}": v for k, v in self.coco.summarize().items()})
+        return metrics
+
+
+def evaluate_image(metrics: SegmentationMetrics, view: PanopticView, logits: torch.Tensor,
+                   mask_logits: torch.Tensor, image_id: int, focal: bool, eval_cfg: SegmentationEvalConfig):
+    """Add one image's predictions (mask logits at the original size) -> (panoptic ids, segments)."""
+    label_to_id = [int(c["id"]) for c in view.categories]
+    num_things = sum(view.is_thing)
+    if metrics.coco is not None:
+        instances = instance_inference(logits, mask_logits, focal, eval_cfg.top_k)
+        keep = instances["labels"] < num_things  # segm AP is on the instance (thing) annotations
+        metrics.coco.update([image_id], [{k: v[keep] for k, v in instances.items()}])
+    panoptic_cfg = PanopticInferenceConfig(eval_cfg.object_mask_threshold, eval_cfg.overlap_threshold)
+    ids, segments = panoptic_inference(logits, mask_logits, focal, view.is_thing, panoptic_cfg)
+    if image_id not in view.images:
+        raise DataError(f"image {image_id} has no entry in the panoptic annotations; regenerate them "
+                        "together with the shards")
+    png, gt_segments = view.images[image_id]
+    gt_ids = read_panoptic_png(png)
+    predicted = [{"id": s["id"], "category_id": label_to_id[s["label"]]} for s in segments]
+    metrics.panoptic.update(gt_ids, gt_segments, ids, predicted)
+    metrics.semantic.update(semantic_inference(logits, mask_logits, focal),
+                            panoptic_to_semantic(gt_ids, gt_segments, view.label_of))
+    return ids, segments
+
+
+def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | None, focal: bool,
+                          eval_cfg: SegmentationEvalConfig, pictures_dir: Path | None):
+    """evaluate(runner) -> PQ/SQ/RQ (all, _th, _st), mIoU, pixel_acc, segm_AP... (all ranks)."""
+    names = [str(c.get("name", c["id"])) for c in view.categories]
+    things = [int(c["id"]) for c in view.categories if c.get("isthing", 1)]
+
+    def evaluate(strategy) -> dict[str, float]:
+        coco = CocoEvaluator(instances_json, things, iou_type="segm") if instances_json else None
+        metrics = SegmentationMetrics(coco, PanopticEvaluator(view.categories), SemanticEvaluator(len(names)))
+        for index, batch in enumerate(loader):
+            images = model_images(batch, strategy.device, strategy.compute_dtype)
+            with strategy.autocast():
+                outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
+            logits, masks = outputs["pred_logits"].float().cpu(), outputs["pred_masks"].float().cpu()
+            for i, target in enumerate(batch["targets"]):
+                image_masks = resize_mask_logits(masks[i], images.shape[-2:], target["size"], target["orig_size"])
+                ids, segments = evaluate_image(metrics, view, logits[i], image_masks, int(target["image_id"]),
+                                               focal, eval_cfg)
+                if index == 0 and i < eval_cfg.pictures and pictures_dir is not None and dist.is_main():
+                    draw_segments(images[i], target["size"], ids, segments, names,
+                                  pictures_dir / f"val_{i:02d}.png")
+        result = metrics.summarize()
+        return dist.broadcast_object(result) if dist.is_initialized() else result
+
+    return evaluate
