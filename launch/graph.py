@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, absolutize_overrides, config_hash, to_dict
+from pipeline.run_folder import RunFolder
 from stages import load_stage_config, recipe_kind, stage_module
 from stages.common import read_done
 from stages.inputs import STAGE_PREFIX, input_fingerprints
@@ -190,7 +191,7 @@ def prepare_run_dir(pipeline: Pipeline, spec: StageSpec, workdir: Path, force: b
 
 def recorded_hash(run_dir: Path) -> str | None:
     """The config hash written at the top of a run folder's config.yaml, if any."""
-    config = Path(run_dir) / "config.yaml"
+    config = RunFolder(run_dir).config_path
     if not config.is_file():
         return None
     first = config.read_text().split("\n", 1)[0]
@@ -201,11 +202,11 @@ def stage_status(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str
     """Where a stage stands: done / up to date, partial (last checkpoint step), not started."""
     run_dir = pipeline.run_dir(workdir, spec.name)
     done = read_done(run_dir)
-    latest = run_dir / "latest"
+    latest = RunFolder(run_dir).latest_path
     step = None
     if latest.is_file():
         step = latest.read_text().strip().rsplit("_", 1)[-1]
-    metrics_file = run_dir / "logs" / "metrics.jsonl"
+    metrics_file = RunFolder(run_dir).metrics_path
     last_metrics = {}
     if metrics_file.is_file():
         lines = metrics_file.read_text().strip().splitlines()

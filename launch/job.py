@@ -32,7 +32,9 @@ from typing import Any
 import submitit
 from submitit.helpers import DelayedSubmission
 
-STOP_FILE_NAME = "STOP_REQUESTED"
+from pipeline.run_folder import STOP_FILE
+
+STOP_FILE_NAME = STOP_FILE
 REQUEUE_COUNT_FILE_NAME = "requeue_count.json"
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.run_folder import META_FILE, RunFolder
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     from launch.workdir import default_workdir
@@ -192,11 +194,11 @@ def _log_to_version_run(model: str, tracking_uri: str, metrics: dict) -> None:
 
 def _export_meta(run_folder: Path) -> dict:
     """The finished stage's meta (without its metrics), else one built from config.yaml."""
-    meta_path = run_folder / "export" / "meta.json"
+    meta_path = RunFolder(run_folder).export_meta_path
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return {k: v for k, v in meta.items() if k not in ("metrics", "weights_sha256", "format")}
-    config_path = run_folder / "config.yaml"
+    config_path = RunFolder(run_folder).config_path
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     meta = {"config": config, "stage": run_folder.name, "pipeline": run_folder.parent.name}
     model = (config or {}).get("model") or {}
@@ -215,8 +217,8 @@ def cmd_export(args) -> int:
 
     run_folder = Path(args.run_folder)
     directory = checkpoint_dir(run_folder, args.step)
-    out = Path(args.out) if args.out else run_folder / "export"
-    if not args.out and (out / "meta.json").is_file():
+    out = Path(args.out) if args.out else RunFolder(run_folder).export_dir
+    if not args.out and (out / META_FILE).is_file():
         out = run_folder / f"export_{directory.name}"
     export = export_checkpoint(run_folder, out, _export_meta(run_folder), args.step)
     print(f"exported {directory} -> {export}")

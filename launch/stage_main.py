@@ -18,6 +18,7 @@ from typing import Any
 from launch.errors import is_user_error, one_line
 from launch.graph import Pipeline, StageSpec, data_shards
 from pipeline import dist
+from pipeline.run_folder import RunFolder
 from stages import load_stage_config, stage_module
 from stages.common import StageContext
 from stages.inputs import input_fingerprints
@@ -43,7 +44,7 @@ def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     _use_granted_cpus()
     kind, cfg = load_stage_config(spec["recipe"], spec["overrides"])
     run_dir = Path(spec["workdir"]) / spec["pipeline"] / spec["stage"]
-    stop_file = Path(job.stop_file) if job is not None else run_dir / "STOP_REQUESTED"
+    stop_file = Path(job.stop_file) if job is not None else RunFolder(run_dir).stop_path
     ctx = StageContext(Path(spec["workdir"]), spec["pipeline"], spec["stage"],
                        parent_run_id=spec.get("parent_run_id"), stop_file=stop_file)
     inputs = input_fingerprints(ctx.workdir, ctx.pipeline, spec.get("depends_on") or [],

@@ -19,13 +19,12 @@ from typing import Any
 import torch
 
 from pipeline import dist
+from pipeline.run_folder import META_FILE, WEIGHTS_FILE  # the run folder names its files
 from pipeline.weights import LoadReport, load_partial
 
 __all__ = ["EXPORT_FORMAT", "META_FILE", "WEIGHTS_FILE", "ExportError", "LoadReport", "export_strategy",
            "fsync_dir", "load_export", "load_partial", "write_atomic_bytes", "write_export"]
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
 EXPORT_FORMAT = "detrforge-export-1"
 
 

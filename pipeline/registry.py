@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.run_folder import META_FILE, WEIGHTS_FILE
 from pipeline.tracking import (
     MlflowTracker,
     Tracker,
@@ -30,7 +31,7 @@ from pipeline.tracking import (
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILES = ("model.safetensors", "meta.json")
+EXPORT_FILES = (WEIGHTS_FILE, META_FILE)
 EXPORT_ARTIFACT_PATH = "export"
 LATEST_ALIAS = "latest"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")

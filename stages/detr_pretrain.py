@@ -17,6 +17,7 @@ from pipeline.engine.strategy import StrategyConfig
 from pipeline.eval.detection import DetectionEvalConfig
 from pipeline.losses.set_criterion import CriterionConfig
 from pipeline.models.detr import DetectorConfig
+from pipeline.run_folder import WEIGHTS_FILE
 from pipeline.tracking import TrackingConfig
 from stages.common import StageContext, StageResult, TrainConfig, train_stage
 from stages.detection_common import detection_parts
@@ -47,7 +48,7 @@ def run(cfg: Config, ctx: StageContext, inputs: dict[str, str] | None = None) ->
         backbone_export = resolve_init(cfg.backbone_init, ctx)
         if backbone_export is not None:
             backbone = dataclasses.replace(model_cfg.backbone,
-                                           weights=str(backbone_export / "model.safetensors"))
+                                           weights=str(backbone_export / WEIGHTS_FILE))
             model_cfg = dataclasses.replace(model_cfg, backbone=backbone)
         return detection_parts(ctx, env, cfg.data, model_cfg, cfg.criterion, cfg.eval,
                                cfg.train.seed, resolve_init(cfg.init_from, ctx))

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from pipeline import dist
+from pipeline.run_folder import META_FILE, WEIGHTS_FILE, RunFolder
 from pipeline.tracking import tracking_uri_for
 
 STAGE_PREFIX = "stage:"
@@ -24,7 +25,7 @@ class InputError(FileNotFoundError):
 
 
 def export_of_stage(workdir: Path, pipeline: str, stage: str) -> Path:
-    return Path(workdir) / pipeline / stage / "export"
+    return RunFolder(Path(workdir) / pipeline / stage).export_dir
 
 
 def resolve_init(value: str | None, ctx) -> Path | None:
@@ -40,7 +41,7 @@ def resolve_init(value: str | None, ctx) -> Path | None:
         path = Path(value).expanduser()
         hint = "point init_from at a finished stage's export/ folder"
     folder = path if path.is_dir() or path.suffix != ".safetensors" else path.parent
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / WEIGHTS_FILE).is_file():
         raise InputError(f"init_from={value!r}: no export at {folder} ({hint})")
     return folder
 
@@ -80,7 +81,7 @@ def export_fingerprint(export_dir: Path) -> str:
     """What identifies an input export for the stage cache: its weights' sha256 from meta.json."""
     import json
 
-    meta = Path(export_dir) / "meta.json"
+    meta = Path(export_dir) / META_FILE
     if not meta.is_file():
         return "missing"
     data = json.loads(meta.read_text())

@@ -16,13 +16,14 @@ from pipeline.checkpoint import COMPLETE_MARKER
 from pipeline.engine.strategy import SINGLE_STATE_FILE
 from pipeline.export import write_export
 from pipeline.inference.model_io import InferenceError
+from pipeline.run_folder import RunFolder
 
 
 def checkpoint_dir(run_folder: str | Path, step: int | None = None) -> Path:
     """checkpoints/step_<N> (complete) of ``step``, or the one `latest` names."""
     run_folder = Path(run_folder)
     if step is None:
-        latest = run_folder / "latest"
+        latest = RunFolder(run_folder).latest_path
         if not latest.is_file():
             raise InferenceError(f"{run_folder}: no `latest` checkpoint; pass --step N of a "
                                  "complete checkpoints/step_<N> folder")

@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.export import META_FILE, WEIGHTS_FILE, ExportError, load_export
 from pipeline.models.detr import DetectorConfig, build_detector
 from pipeline.models.mask_head import SegmenterConfig, build_segmenter
+from pipeline.run_folder import RunFolder
 
 MODEL_KINDS = ("detector", "segmenter")
 
@@ -128,7 +129,7 @@ def resolve_model(model: str | Path, tracking_uri: str | None, cache_dir: str | 
         path = path.parent
     if (path / META_FILE).is_file():
         return path
-    if (path / "export" / META_FILE).is_file():
-        return path / "export"
+    if RunFolder(path).export_meta_path.is_file():
+        return RunFolder(path).export_dir
     raise InferenceError(f"{path}: missing {META_FILE}; not an export folder (nor a run folder "
                          "with export/). Finish the stage, or run `detrforge export RUN_FOLDER`")
