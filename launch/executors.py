@@ -17,17 +17,38 @@ This module and ``launch/job.py`` are the only ones that import submitit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import submitit
 
 from pipeline.config import load_config
+from pipeline.locks import FolderLock
 
 ExecutorKind = Literal["local", "slurm"]
 PREEMPT_SIGNALS = ("USR2", "TERM")
 _OPTIONAL_STRINGS = ("partition", "account", "qos", "constraint")
+# sbatch options that detrforge or submitit set and a job relies on (the chain, requeue, the stop
+# signal, its name and log files): `slurm_params` must not replace them silently.
+RESERVED_SBATCH_OPTIONS = ("dependency", "requeue", "no-requeue", "signal", "job-name", "output",
+                           "error", "array", "open-mode", "wckey", "wrap", "parsable")
+# sbatch options that the cluster file has a field for: set the field, not slurm_params.
+FIELD_SBATCH_OPTIONS = {"partition": "partition", "account": "account", "qos": "qos",
+                        "constraint": "constraint", "nodes": "nodes", "time": "time_min",
+                        "ntasks-per-node": "tasks_per_node", "cpus-per-task": "cpus_per_task",
+                        "gpus-per-node": "gpus_per_node", "mem": "mem_gb"}
+_SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Every rank stops when one fails: without it the others wait in a collective until the timeout.
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
+# squeue states of a job that may still run (or is about to), so its locks are live.
+_LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                    "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING",
+                    "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
 
 class ExecutorError(ValueError):
@@ -54,6 +75,8 @@ class ClusterConfig:
     slurm_params: dict[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {"exclusive": true}
 
     def __post_init__(self) -> None:
+        _check_no_control_characters(self)
+        _check_slurm_params(self.slurm_params)
         for name in _OPTIONAL_STRINGS:
             if getattr(self, name) == "":
                 raise ValueError(f"{name} is an empty string; leave it out (null) for the default")
@@ -81,6 +104,54 @@ class ClusterConfig:
     def ranks_per_node(self) -> int:
         """Tasks started on each node: one per GPU, else ``tasks_per_node`` (default 1)."""
         return self.tasks_per_node or self.gpus_per_node or 1
+
+
+def _check_no_control_characters(cluster: ClusterConfig) -> None:
+    """A newline in a value would add a line to the batch script: refuse every control char."""
+    for item in fields(cluster):
+        value = getattr(cluster, item.name)
+        texts = ([(item.name, value)] if isinstance(value, str) else
+                 [(f"{item.name}[{k!r}]", t) for k, v in value.items() for t in (k, v)
+                  if isinstance(t, str)] if isinstance(value, dict) else [])
+        for where, text in texts:
+            if _CONTROL_CHARS.search(text):
+                raise ValueError(f"{where}={text!r} holds a control character (newline, tab...); "
+                                 "cluster values go into the batch script as they are")
+
+
+def _check_slurm_params(params: dict[str, Any]) -> None:
+    for key in params:
+        if not isinstance(key, str) or not _SBATCH_KEY.fullmatch(key):
+            raise ValueError(f"slurm_params key {key!r} is not an sbatch option name "
+                             "(letters, digits, '-' and '_')")
+        option = key.replace("_", "-")
+        if option in RESERVED_SBATCH_OPTIONS:
+            raise ValueError(f"slurm_params.{key} is set by detrforge itself (job chains, requeue, "
+                             "the stop signal, names and logs) and cannot be overridden; remove it")
+        if option in FIELD_SBATCH_OPTIONS:
+            raise ValueError(f"slurm_params.{key}: use the cluster file's field "
+                             f"'{FIELD_SBATCH_OPTIONS[option]}' instead")
+
+
+def slurm_job_alive(job_id: str) -> bool | None:
+    """Whether SLURM job ``job_id`` may still run (``squeue -h -j ID -o %T``); None when SLURM
+    cannot be asked (no client, no controller): the lock holder then counts as alive."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return False if "Invalid job id" in out.stderr else None
+    states = {line.strip() for line in out.stdout.splitlines() if line.strip()}
+    return bool(states & _LIVE_JOB_STATES)
+
+
+def folder_lock(folder: str | Path, purpose: str) -> FolderLock:
+    """The lock of a run or pipeline folder, held by this process, or by its SLURM job when it
+    runs in one (a requeued job takes over its own earlier lock)."""
+    return FolderLock(folder, purpose, job_alive=slurm_job_alive,
+                      job_id=os.environ.get("SLURM_JOB_ID"))
 
 
 def load_cluster_config(path: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
@@ -129,7 +200,7 @@ def _slurm_executor(folder: str | Path, cluster: ClusterConfig, job_name: str,
     params: dict[str, Any] = dict(
         name=job_name, timeout_min=cluster.time_min, nodes=cluster.nodes,
         tasks_per_node=cluster.ranks_per_node, cpus_per_task=cluster.cpus_per_task,
-        slurm_signal_delay_s=cluster.signal_delay_s,
+        slurm_signal_delay_s=cluster.signal_delay_s, slurm_srun_args=list(SRUN_ARGS),
         slurm_additional_parameters=slurm_additional_parameters(cluster, dependency))
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node

@@ -24,6 +24,7 @@ skips a built target.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from stages.inputs import STAGE_PREFIX, input_fingerprints
 
 PIPELINE_KEYS = {"name", "stages", "description"}
 STAGE_KEYS = {"name", "recipe", "overrides", "processes"}
+# A name starts with a letter or digit, so '.' and '..' are not names.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -107,7 +110,7 @@ def load_pipeline(path: str | Path, extra_overrides: list[str] | None = None) ->
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
         raise ConfigError(f"{path}: a pipeline needs 'name' and a list 'stages'")
     _check_keys(data, PIPELINE_KEYS, str(path))
-    name = str(data.get("name") or path.stem)
+    name = check_name(str(data.get("name") or path.stem), "pipeline name", str(path))
     specs: list[StageSpec] = []
     for index, entry in enumerate(data["stages"]):
         where = f"{path}: stages[{index}]"
@@ -133,7 +136,17 @@ def load_target(target: str | Path, overrides: list[str]) -> Pipeline:
     return Pipeline(target.stem, target, [_stage_spec(target, entry, overrides, [], str(target))])
 
 
+def check_name(name: str, what: str, where: str) -> str:
+    """Pipeline and stage names become folders, MLflow names and SLURM job names: identifiers
+    only (no '/', '..', spaces or control characters)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{where}: {what} {name!r} is not a valid name: use letters, digits, "
+                          "'_', '.' and '-', starting with a letter or digit")
+    return name
+
+
 def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], where: str) -> StageSpec:
+    check_name(str(entry["name"]), "stage name", where)
     recipe = (path.parent / entry["recipe"]).resolve()
     schema = stage_module(recipe_kind(recipe)).Config
     overrides = (absolutize_overrides([str(o) for o in entry.get("overrides") or []], schema,

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,6 +26,13 @@ class DistEnvError(ValueError):
 
 
 DEFAULT_MASTER_PORT = 29500
+# How long a rank waits in a collective (and in the rendezvous) for the others before it fails.
+# torch's default is 10 min for gloo but 10 min or 30 min (and for NCCL, without async error
+# handling, forever) elsewhere; a rank whose peer died must fail in minutes, not hours. Set
+# DETRFORGE_COLLECTIVE_TIMEOUT_S for a run (the SLURM job inherits the submitting shell's value);
+# raise it when one rank legitimately works alone for longer (a large consolidated export).
+COLLECTIVE_TIMEOUT_ENV = "DETRFORGE_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -168,11 +176,30 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(env: DistEnv, backend: str | None = None) -> None:
+def collective_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds a collective may wait: ``$DETRFORGE_COLLECTIVE_TIMEOUT_S``, default 600."""
+    env = os.environ if environ is None else environ
+    text = env.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise DistEnvError(f"dist.py: {COLLECTIVE_TIMEOUT_ENV}={text!r} must be a positive "
+                           "number of seconds (unset it for the default, 600)")
+    return value
+
+
+def init_distributed(env: DistEnv, backend: str | None = None,
+                     timeout_s: float | None = None) -> None:
     """Initialise the default process group (also for world_size 1, which DeepSpeed expects).
 
     Exports the torchrun variables so that libraries reading them (DeepSpeed) agree with `env`.
-    Idempotent: a second call with a group already up does nothing.
+    Every collective of the group fails after ``timeout_s`` (default: :func:`collective_timeout_s`)
+    instead of waiting for ever on a rank that died. Idempotent: a second call with a group
+    already up does nothing.
     """
     os.environ.update(
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
@@ -183,8 +210,10 @@ def init_distributed(env: DistEnv, backend: str | None = None) -> None:
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
+    timeout = timedelta(seconds=timeout_s if timeout_s is not None else collective_timeout_s())
     torch_dist.init_process_group(
-        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size
+        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+        timeout=timeout,
     )
 
 

@@ -87,9 +87,9 @@ def test_ranks_per_node_defaults():
 
 def test_additional_parameters_carry_dependency_account_and_signal():
     cluster = ClusterConfig(account="proj", qos="high", constraint="a100", signal_delay_s=90,
-                            slurm_params={"exclusive": True, "requeue": False})
+                            slurm_params={"exclusive": True, "comment": "x"})
     params = slurm_additional_parameters(cluster, "afterok:42")
-    assert params == {"requeue": False, "account": "proj", "qos": "high", "constraint": "a100",
+    assert params == {"requeue": True, "comment": "x", "account": "proj", "qos": "high", "constraint": "a100",
                       "dependency": "afterok:42", "signal": "USR2@90", "exclusive": True}
 
 
