@@ -68,7 +68,7 @@ def spec_from_meta(meta: dict, where: str = META_FILE) -> ModelSpec:
     data = config.get("data") or {}
     if kind == "detector":
         model_cfg = DetectorConfig(**_without_weights(meta["detector"]))
-        focal = model_cfg.kind == "deformable"
+        focal = model_cfg.focal  # sigmoid head for deformable and dino, softmax for detr
     else:
         seg = dict(meta["segmenter"])
         model_cfg = SegmenterConfig(detector=DetectorConfig(**_without_weights(seg["detector"])),
