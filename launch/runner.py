@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import configs
+from launch.executors import folder_lock
 from launch.graph import (
     Pipeline,
     StageSpec,
@@ -75,6 +76,13 @@ def run_target(target: str | Path, overrides: list[str], workdir: Path, force: b
     pipeline = load_target(target, overrides)
     selected = select_stages(pipeline, only, from_stage)
     workdir.mkdir(parents=True, exist_ok=True)
+    # One `run` or `submit` of a pipeline at a time; a stage's own process (or SLURM job) holds
+    # its run folder's lock while it trains, so archiving one (`--force`) waits for it to be free.
+    with folder_lock(workdir / pipeline.name, "detrforge run"):
+        return _run_locked(pipeline, selected, workdir, force)
+
+
+def _run_locked(pipeline: Pipeline, selected: list[StageSpec], workdir: Path, force: bool) -> int:
     parent = _start_parent(pipeline, workdir)
     rows = []
     for spec in selected:
@@ -82,7 +90,8 @@ def run_target(target: str | Path, overrides: list[str], workdir: Path, force: b
             done = read_done(pipeline.run_dir(workdir, spec.name)) or {}
             rows.append({**done, "stage": spec.name, "status": "skipped (up to date)"})
             continue
-        prepare_run_dir(pipeline, spec, workdir, force)
+        with folder_lock(pipeline.run_dir(workdir, spec.name), "detrforge run (archiving)"):
+            prepare_run_dir(pipeline, spec, workdir, force)
         result = run_one_stage(pipeline, spec, workdir, parent.run_id if parent else None)
         rows.append(result)
         if result["status"] != "done":

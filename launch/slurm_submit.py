@@ -14,10 +14,17 @@ import dataclasses
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from launch.executors import ClusterConfig, ExecutorError, load_cluster_config, make_executor
+from launch.executors import (
+    ClusterConfig,
+    ExecutorError,
+    folder_lock,
+    load_cluster_config,
+    make_executor,
+)
 from launch.graph import Pipeline, StageSpec, is_up_to_date, prepare_run_dir
 from launch.job import StageJob
 from launch.stage_main import stage_spec
@@ -46,6 +53,12 @@ def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = 
     """Queue every stage that is not up to date, each after the previous one (afterok)."""
     cluster = load_cluster_config(cluster_file)
     workdir = Path(workdir).resolve()
+    warn_if_sqlite_store(pipeline, cluster, workdir)
+    with folder_lock(workdir / pipeline.name, "detrforge submit"):
+        return _submit_locked(pipeline, cluster, workdir, force)
+
+
+def _submit_locked(pipeline: Pipeline, cluster: ClusterConfig, workdir: Path, force: bool) -> int:
     parent_id = _parent_run_id(pipeline, workdir)
     jobs = read_jobs(pipeline, workdir)
     active = _active_jobs(jobs)
@@ -73,8 +86,10 @@ def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = 
 def _submit_stage(pipeline: Pipeline, spec: StageSpec, cluster: ClusterConfig, workdir: Path,
                   parent_id: str | None, after: str | None, force: bool) -> dict:
     """One stage's job (after job ``after``, if any); returns its jobs.json record."""
-    prepare_run_dir(pipeline, spec, workdir, force)
     run_dir = pipeline.run_dir(workdir, spec.name)
+    # A job or a local run may still work there (its lock says so): archive only a free folder.
+    with folder_lock(run_dir, "detrforge submit (archiving)"):
+        prepare_run_dir(pipeline, spec, workdir, force)
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor("slurm", workdir / pipeline.name / ".submitit" / "%j",
                              stage_cluster(cluster, spec), job_name=f"{pipeline.name}.{spec.name}",
@@ -84,6 +99,25 @@ def _submit_stage(pipeline: Pipeline, spec: StageSpec, cluster: ClusterConfig, w
                                    run_dir, cluster.max_requeues))
     return {"job_id": str(job.job_id), "submitted_at": time.time(),
             "log_folder": str(Path(job.paths.stderr).parent), "after": after}
+
+
+def warn_if_sqlite_store(pipeline: Pipeline, cluster: ClusterConfig, workdir: Path) -> None:
+    """One line when jobs would track into a SQLite file: its locking does not hold on the shared
+    file systems of clusters, and ranks on several nodes write to it at once."""
+    from pipeline.tracking import tracking_uri_for
+
+    for spec in pipeline.stages:
+        tracking = getattr(spec.cfg, "tracking", None)
+        if tracking is None or not tracking.enabled:
+            continue
+        uri = tracking_uri_for(workdir, tracking)
+        if uri.startswith("sqlite:"):
+            nodes = f" on {cluster.nodes} nodes" if cluster.nodes > 1 else ""
+            print(f"detrforge: warning: SLURM jobs{nodes} will track into the SQLite store {uri}, "
+                  "whose locking fails on shared file systems; set MLFLOW_TRACKING_URI (or "
+                  "tracking.tracking_uri) to an MLflow server with a database backend",
+                  file=sys.stderr)
+            return
 
 
 def _active_jobs(jobs: dict[str, dict]) -> dict[str, str]:
@@ -184,6 +218,11 @@ def _describe(job: dict, states: dict[str, tuple[str, str]], reasons: dict[str, 
 
 def cancel(pipeline: Pipeline, workdir: Path) -> int:
     """scancel every queued or running job of the pipeline."""
+    with folder_lock(Path(workdir) / pipeline.name, "detrforge cancel"):
+        return _cancel_locked(pipeline, workdir)
+
+
+def _cancel_locked(pipeline: Pipeline, workdir: Path) -> int:
     jobs = read_jobs(pipeline, workdir)
     states = slurm_states([j["job_id"] for j in jobs.values()])
     active = [j["job_id"] for j in jobs.values()

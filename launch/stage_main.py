@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.errors import is_user_error, one_line
+from launch.executors import folder_lock
 from launch.graph import Pipeline, StageSpec, data_shards
 from pipeline import dist
 from pipeline.run_folder import RunFolder
@@ -38,7 +39,25 @@ def stage_spec(pipeline: Pipeline, spec: StageSpec, workdir: Path,
 
 
 def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
-    """Run the stage described by ``spec`` (see :func:`stage_spec`) on this rank."""
+    """Run the stage described by ``spec`` (see :func:`stage_spec`) on this rank.
+
+    Rank 0 holds the run folder's lock meanwhile (with the SLURM job id in a job); when another
+    live holder has it, rank 0 fails at once and torchrun or srun (--kill-on-bad-exit) stops the
+    other ranks, which would otherwise wait for it in the rendezvous.
+    """
+    lock = None
+    if dist.read_dist_env().rank == 0:
+        lock = folder_lock(Path(spec["workdir"]) / spec["pipeline"] / spec["stage"],
+                           f"stage {spec['stage']}")
+        lock.acquire()
+    try:
+        return _run_stage(spec, job)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _use_granted_cpus()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A single-node SLURM cluster on localhost for the tests and for trying `detrforge submit`.
 #
-#   launch/slurm/cluster.sh install | up | down | status | purge | env
+#   launch/slurm/cluster.sh install | up | down | status | purge | env | mlflow-uri [DATABASE]
 #
 # Everything the cluster owns (configuration, spool, logs, pid files, the munge key and socket, a
 # private MariaDB for accounting) lives under one folder: $DETRFORGE_SLURM_HOME, by default
@@ -220,6 +220,21 @@ start_mariadbd() {
                  GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
 }
 
+# MLflow's backend store for runs on this cluster (a server, since SQLite's locking does not work
+# on the shared file systems of real clusters): database `mlflow` for users, `mlflow_tests` for
+# the test suite (which recreates it), both owned by user `mlflow`.
+MLFLOW_DB_USER=mlflow
+MLFLOW_DB_PASSWORD=detrforge
+ensure_mlflow_database() {
+    mariadb_sql "CREATE DATABASE IF NOT EXISTS mlflow CHARACTER SET utf8mb4;
+                 CREATE USER IF NOT EXISTS '$MLFLOW_DB_USER'@'127.0.0.1' IDENTIFIED BY '$MLFLOW_DB_PASSWORD';
+                 GRANT ALL ON mlflow.* TO '$MLFLOW_DB_USER'@'127.0.0.1';
+                 GRANT ALL ON mlflow_tests.* TO '$MLFLOW_DB_USER'@'127.0.0.1'; FLUSH PRIVILEGES;"
+}
+
+# The SQLAlchemy URI of a database in this cluster's MariaDB (needs the pymysql driver).
+mlflow_uri() { echo "mysql+pymysql://$MLFLOW_DB_USER:$MLFLOW_DB_PASSWORD@127.0.0.1:$MARIADB_PORT/${1:-mlflow}"; }
+
 start_slurmdbd() { slurmdbd </dev/null >>"$LOG/slurmdbd.log" 2>&1; wait_for "slurmdbd" 60 sacctmgr -n -P list cluster; }
 start_slurmctld() { slurmctld -f "$SLURM_CONF" </dev/null >>"$LOG/slurmctld.log" 2>&1; }
 start_slurmd() { slurmd -f "$SLURM_CONF" -N localhost </dev/null >>"$LOG/slurmd.log" 2>&1; }
@@ -276,6 +291,7 @@ cmd_up() {
     local name
     for name in munged mariadbd slurmdbd; do ensure_daemon "$name"; done
     register_accounting
+    ensure_mlflow_database
     local fresh_controller=0
     daemon_pid slurmctld >/dev/null || fresh_controller=1
     for name in slurmctld slurmd; do ensure_daemon "$name"; done
@@ -347,7 +363,8 @@ main() {
     status) cmd_status ;;
     purge) cmd_purge ;;
     env) echo "export SLURM_CONF=$SLURM_CONF" ;;
-    *) echo "usage: $0 install|up|down|status|purge|env   (state in \$DETRFORGE_SLURM_HOME, default .cache/slurm)" >&2; exit 2 ;;
+    mlflow-uri) mlflow_uri "${2:-mlflow}" ;;
+    *) echo "usage: $0 install|up|down|status|purge|env|mlflow-uri [DATABASE]   (state in \$DETRFORGE_SLURM_HOME, default .cache/slurm)" >&2; exit 2 ;;
     esac
 }
 
