@@ -5,10 +5,12 @@ side with HF transformers' ``DeformableDetrForObjectDetection`` and its
     python benchmarks/detr_step.py --out results/ [--config r50] [--dtype bf16] [--device cuda]
 
 Writes ``<out>/detr_step.json``. The peer needs ``pip install transformers`` (the ``bench``
-extra); without it the peer rows are skipped with a note. The step is forward + backward of a
-loss-free proxy (mean of the last layer's logits and boxes) for both models, so the matcher and
-criterion (CPU-bound Hungarian matching) do not blur the model comparison. On CUDA, times come
-from CUDA events after warm-up and memory from ``max_memory_allocated``; on CPU, wall time only.
+extra); without it the peer rows are skipped with a note. The step is the REAL training step of
+each: forward, Hungarian matcher and set criterion with auxiliary losses, backward and an AdamW
+step (HF: ``labels=``, its own matcher and loss), on the same images and targets. Contenders are
+timed in interleaved rounds and medians reported, so load changes on a shared machine hit both
+alike. On CUDA, times come from CUDA events after warm-up and memory from
+``max_memory_allocated``; on CPU, wall time only.
 
 Seen once on one H100 (torch 2.11, transformers 5.17, ``--config r50``: 2 images 800x1088, 10-15
 timed steps; before the fused Triton kernel existed, so without "ours_triton"):
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,41 +107,78 @@ def hf_model(spec: dict, num_classes: int) -> torch.nn.Module:
     return DeformableDetrForObjectDetection(config)
 
 
-def step_fn(model: torch.nn.Module, images, mask, device, dtype: str, peer: bool) -> Callable[[], None]:
+def make_targets(batch: int, num_classes: int, device: torch.device, seed: int = 0) -> list[dict]:
+    """A few boxes per image (cx, cy, w, h in [0, 1]) and labels, as the loaders give them."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for i in range(batch):
+        n = 3 + 4 * i
+        centre = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        size = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
+        targets.append({"boxes": torch.cat([centre, size], 1).to(device), "labels": labels.to(device)})
+    return targets
+
+
+def step_fn(model: torch.nn.Module, images, mask, targets, device, dtype: str, peer: bool,
+            criterion=None) -> Callable[[], None]:
+    """The REAL training step: forward, matcher + set criterion (with auxiliary losses),
+    backward, AdamW step. HF's through ``labels=`` (its own matcher and loss)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
     def run() -> None:
         with autocast(device, dtype):
             if peer:
-                out = model(pixel_values=images, pixel_mask=(~mask).long())
-                logits, boxes = out.logits, out.pred_boxes
+                loss = model(pixel_values=images, pixel_mask=(~mask).long(), labels=labels).loss
             else:
-                out = model(images, mask)
-                logits, boxes = out["pred_logits"], out["pred_boxes"]
-            loss = logits.float().mean() + boxes.float().mean()
+                outputs = model(images, mask)
+                loss = criterion(outputs, targets)
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return run
 
 
+def ours_criterion(num_classes: int):
+    from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
+
+    cfg = CriterionConfig()
+    criterion = SetCriterion.from_config(cfg, num_classes, focal=True)
+    return lambda outputs, targets: SetCriterion.weighted_total(criterion(outputs, targets), cfg.weights)
+
+
 def bench_models(spec: dict, device: torch.device, args) -> dict:
+    """Ours and HF's real step, timed in interleaved rounds (medians; same-run ratio)."""
     batch, height, width = spec["batch"], spec["height"], spec["width"]
     images = torch.randn(batch, 3, height, width, device=device)
     mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     mask[1:, :, width * 3 // 4 :] = True  # a padded image, as in a real batch
-    result = {}
+    targets = make_targets(batch, args.num_classes, device)
     torch.manual_seed(0)
     model = ours_model(spec, args.num_classes).to(device).train()
-    result["ours"] = timed(step_fn(model, images, mask, device, args.dtype, peer=False), device, args.warmup, args.steps)
-    result["ours"]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    del model
+    steps = {"ours": step_fn(model, images, mask, targets, device, args.dtype, False,
+                             ours_criterion(args.num_classes))}
+    result = {"ours": {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}}
     try:
         peer = hf_model(spec, args.num_classes).to(device).train()
     except ImportError as error:
         result["peer_note"] = f"transformers not installed ({error}); pip install transformers to compare"
-        return result
-    result["hf"] = timed(step_fn(peer, images, mask, device, args.dtype, peer=True), device, args.warmup, args.steps)
-    result["hf"]["params_m"] = sum(p.numel() for p in peer.parameters()) / 1e6
-    result["time_ratio_ours_over_hf"] = result["ours"]["ms"] / result["hf"]["ms"]
+    else:
+        steps["hf"] = step_fn(peer, images, mask, targets, device, args.dtype, True)
+        result["hf"] = {"params_m": sum(p.numel() for p in peer.parameters()) / 1e6}
+    rounds: dict[str, list[dict]] = {name: [] for name in steps}
+    for round_index in range(args.rounds):
+        for name, fn in steps.items():
+            rounds[name].append(timed(fn, device, args.warmup if round_index == 0 else 1, args.steps))
+    for name, timings in rounds.items():
+        result[name]["ms"] = statistics.median(t["ms"] for t in timings)
+        result[name]["ms_rounds"] = [t["ms"] for t in timings]
+        result[name]["peak_mem_mb"] = max((t["peak_mem_mb"] or 0) for t in timings) or None
+    if "hf" in rounds:
+        ratios = [h["ms"] / o["ms"] for o, h in zip(rounds["ours"], rounds["hf"])]
+        result["speedup_ours_over_hf"] = statistics.median(ratios)
     return result
 
 
@@ -198,10 +238,20 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
             candidates["hf"] = peer
         if device.type != "cuda":
             del candidates["ours_triton"]
+        if role == "encoder" and args.encoder_candidates == "fast":
+            del candidates["ours_gather"]
+        runs = {}
         for name, op in candidates.items():
             def run(op=op, inputs=inputs):
                 op(*inputs).sum().backward()
-            entry[name] = timed(run, device, args.warmup, args.steps)
+            runs[name] = run
+        timings: dict[str, list[float]] = {name: [] for name in runs}
+        for round_index in range(args.rounds):  # interleaved: load changes hit all alike
+            for name, run in runs.items():
+                warmup = args.warmup if round_index == 0 else 1
+                timings[name].append(timed(run, device, warmup, args.steps)["ms"])
+        for name, values in timings.items():
+            entry[name] = {"ms": statistics.median(values), "ms_rounds": values}
         if peer is None:
             entry["peer_note"] = "transformers not installed; pip install transformers to compare"
         else:
@@ -223,7 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=91)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--skip-model", action="store_true", help="only time ms_deform_attn")
+    parser.add_argument("--skip-attention", action="store_true", help="only time the step")
+    parser.add_argument("--encoder-candidates", default="all",
+                        help="'fast' skips the gather path at encoder sizes (slow on CPU)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = dict(CONFIGS[args.config])
@@ -234,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
     }
-    report["ms_deform_attn"] = bench_attention(spec, device, args)
+    if not args.skip_attention:
+        report["ms_deform_attn"] = bench_attention(spec, device, args)
     if not args.skip_model:
         report["train_step"] = bench_models(spec, device, args)
     args.out.mkdir(parents=True, exist_ok=True)
