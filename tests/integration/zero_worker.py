@@ -110,7 +110,7 @@ def hang_while_saving(run: checkpoint.RunFolder, step: int) -> None:
     publish = checkpoint._publish_latest
 
     def publish_or_hang(run_folder, directory):
-        if checkpoint._step_of(directory) == step:
+        if checkpoint.step_of(directory) == step:
             (run.root / "hanging").write_text("shards written, latest not yet\n")
             while True:
                 time.sleep(1)
