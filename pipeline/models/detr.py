@@ -35,7 +35,7 @@ FOCAL_PRIOR = 0.01  # initial foreground probability of the sigmoid class head (
 class DetectorConfig:
     """Architecture of a DETR-family detector (defaults: Deformable DETR, R50, paper sizes)."""
 
-    kind: str = "deformable"  # "deformable" (multi-scale, focal head) | "detr" (single-scale, softmax head)
+    kind: str = "deformable"  # "deformable" (multi-scale, focal head) | "detr" (single-scale, softmax head) | "dino" (dino.py)
     num_classes: int = 91  # foreground classes; read it from the data set, not a constant
     num_queries: int = 300  # object queries (two-stage: top-k proposals)
     hidden_dim: int = 256  # transformer width
