@@ -1,7 +1,7 @@
 """Images per second of the training loaders at real image sizes, side by side with peers and
 limits in the same run (interleaved rounds, medians), on generated JPEGs (no download).
 
-    python benchmarks/data_loader.py --preset imagenet|coco --out results/ [--images 160]
+    python benchmarks/data_loader.py --out results/ [--preset imagenet|coco] [--images 160]
         [--rounds 3] [--workers 1]
 
 Presets: ``imagenet``: varied sizes around 400x350, ~110 KB per JPEG, 224 px training crops
@@ -244,12 +244,19 @@ def run(name: str, count: int, rounds: int, workers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="all", choices=[*sorted(PRESETS), "all"],
+                        help="image statistics to generate (default: both, one after the other)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the JSON")
     parser.add_argument("--images", type=int, default=160, help="generated images (default 160)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--workers", type=int, default=0, help="also time N loader workers")
     args = parser.parse_args()
+    for preset in sorted(PRESETS) if args.preset == "all" else [args.preset]:
+        report_preset(preset, args)
+
+
+def report_preset(preset: str, args: argparse.Namespace) -> None:
+    args = argparse.Namespace(**{**vars(args), "preset": preset})
     result = run(args.preset, args.images, args.rounds, args.workers)
     report = {
         "preset": args.preset,
