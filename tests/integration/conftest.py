@@ -1,4 +1,6 @@
-"""A real `mlflow server` on 127.0.0.1 for the tracking tests (SQLite store, local artifacts)."""
+"""A real `mlflow server` on 127.0.0.1: for the tracking tests (SQLite store, artifacts served by
+the server) and for the SLURM tests (a database store in the local cluster's MariaDB, artifacts
+written by the jobs to a shared folder, as on a real cluster)."""
 
 from __future__ import annotations
 
@@ -23,17 +25,22 @@ def _free_port() -> int:
 class MlflowServer:
     """`mlflow server` in its own process group; `kill()` then `start()` reuses port and store."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, backend_store_uri: str | None = None):
         self.folder = folder
+        self.backend_store_uri = backend_store_uri
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
+        if self.backend_store_uri is None:
+            store = ["--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+                     "--artifacts-destination", (self.folder / "artifacts").as_uri()]
+        else:
+            store = ["--backend-store-uri", self.backend_store_uri,
+                     "--default-artifact-root", (self.folder / "artifacts").as_uri()]
         argv = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-            "--artifacts-destination", (self.folder / "artifacts").as_uri(),
+            sys.executable, "-m", "mlflow", "server", *store,
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         # No background job runner (seven huey consumers): it only slows the start down.
@@ -78,6 +85,51 @@ class MlflowServer:
 def mlflow_server(tmp_path_factory):
     """A running `mlflow server`; tests may kill and restart it (same port, same store)."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    yield server
+    server.kill()
+
+
+REPO = Path(__file__).resolve().parents[2]
+MLFLOW_TEST_DATABASE = "mlflow_tests"
+
+
+def cluster_mlflow_uri(database: str = MLFLOW_TEST_DATABASE) -> str:
+    """The SQLAlchemy URI of ``database`` in the local cluster's MariaDB (cluster.sh knows the
+    port and the user)."""
+    return subprocess.run([str(REPO / "launch" / "slurm" / "cluster.sh"), "mlflow-uri", database],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def recreate_database(uri: str) -> None:
+    """An empty database at ``uri`` (mysql+pymysql://user:password@host:port/name)."""
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    connection = pymysql.connect(host=url.host, port=url.port, user=url.username,
+                                 password=url.password, connect_timeout=5)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
+            cursor.execute(f"CREATE DATABASE `{url.database}` CHARACTER SET utf8mb4")
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def cluster_mlflow_server(tmp_path_factory):
+    """`mlflow server` whose backend store is a fresh database in the local SLURM cluster's
+    MariaDB (the one slurmdbd uses); skipped when that MariaDB is not up."""
+    import pymysql
+
+    uri = cluster_mlflow_uri()
+    try:
+        recreate_database(uri)
+    except pymysql.MySQLError as err:
+        pytest.skip(f"the local cluster's MariaDB is not reachable ({err}); run "
+                    "launch/slurm/cluster.sh up")
+    server = MlflowServer(tmp_path_factory.mktemp("cluster_mlflow"), backend_store_uri=uri)
     server.start()
     yield server
     server.kill()

@@ -112,9 +112,12 @@ def detrforge(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def submit(env: dict, pipeline_file: Path, workdir: Path) -> dict[str, str]:
-    """stage -> job id of `detrforge submit`."""
-    detrforge(env, "submit", str(pipeline_file), "--cluster", str(CLUSTER_FILE),
-              "--workdir", str(workdir))
+    """stage -> job id of `detrforge submit` (which warns only when jobs track into SQLite)."""
+    done = detrforge(env, "submit", str(pipeline_file), "--cluster", str(CLUSTER_FILE),
+                     "--workdir", str(workdir))
+    tracked = "tracking.enabled=false" not in pipeline_file.read_text()
+    sqlite = tracked and not env.get("MLFLOW_TRACKING_URI")
+    assert ("SQLite store" in done.stderr) == sqlite, done.stderr
     name = json.loads(pipeline_file.read_text())["name"]
     jobs = json.loads((workdir / name / "jobs.json").read_text())
     return {stage_name: job["job_id"] for stage_name, job in jobs.items()}
@@ -155,19 +158,22 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def submitted(slurm_env, samples, tmp_path_factory) -> dict:
+def submitted(slurm_env, samples, cluster_mlflow_server, tmp_path_factory) -> dict:
     """Both pipelines submitted together, "requeued" requeued once it has a checkpoint, and the
-    same backbone stage run meanwhile by `detrforge run` (torchrun, 2 ranks) on this machine."""
+    same backbone stage run meanwhile by `detrforge run` (torchrun, 2 ranks) on this machine.
+    They track into an MLflow server whose store is the cluster's MariaDB, as a real cluster
+    should (a SQLite file on a shared file system is what `submit` warns about)."""
     root = tmp_path_factory.mktemp("submitted")
+    tracked_env = {**slurm_env, "MLFLOW_TRACKING_URI": cluster_mlflow_server.url}
     full = write_pipeline(root / "tinypipe.yaml", "tinypipe",
                           [backbone_stage(samples), detr_stage(samples)])
     alone = write_pipeline(root / "requeued.yaml", "requeued", [backbone_stage(samples)])
-    full_jobs = submit(slurm_env, full, root / "full")
-    requeued_jobs = submit(slurm_env, alone, root / "alone")
+    full_jobs = submit(tracked_env, full, root / "full")
+    requeued_jobs = submit(tracked_env, alone, root / "alone")
     with open(root / "local.log", "w") as log:
         local = subprocess.Popen([str(Path(sys.executable).parent / "detrforge"), "run",
                                   str(alone), "--workdir", str(root / "local")],
-                                 env=slurm_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                 env=tracked_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     run_dir = root / "alone" / "requeued" / "backbone"
     try:
         wait_for(lambda: (run_dir / "latest").exists(), 300, "the first checkpoint to requeue from")
@@ -270,3 +276,18 @@ def test_second_submit_keeps_queued_jobs_and_cancel_cancels_them(slurm_env, samp
     assert "did not succeed" not in status  # cancelled by hand, not by a failed dependency
     again = detrforge(slurm_env, "cancel", str(pipeline_file), "--workdir", str(workdir)).stdout
     assert "nothing queued or running" in again
+
+
+def test_stages_are_tracked_in_the_database_backed_server(submitted, cluster_mlflow_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cluster_mlflow_server.url)
+    _, workdir, jobs = submitted["full"]
+    for name in jobs:
+        done = json.loads((workdir / "tinypipe" / name / "DONE.json").read_text())
+        run = client.get_run(done["run_id"])
+        assert run.info.status == "FINISHED" and run.data.metrics, name
+        steps = {m.step for m in client.get_metric_history(done["run_id"], "train/loss")}
+        assert steps, name
+    versions = client.search_model_versions("name='tinypipe.backbone'")
+    assert [v.version for v in versions] == ["1"]
