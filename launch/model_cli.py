@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from launch.errors import CliError
+from launch.workdir import default_workdir
 from pipeline.run_folder import META_FILE, RunFolder
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from launch.workdir import default_workdir
-
     parser.add_argument("--workdir", default=default_workdir(),
                         help="workdir whose MLflow store resolves models:/ URIs (default: "
                              "$DETRFORGE_WORKDIR or ./runs)")
@@ -50,13 +50,19 @@ def register(sub) -> None:
     _add_common(ev)
     ev.set_defaults(handler=cmd_eval)
 
-    ex = sub.add_parser("export", help="consolidated fp32 export of a run folder's checkpoint")
-    ex.add_argument("run_folder", help="a stage run folder (<workdir>/<pipeline>/<stage>)")
+    ex = sub.add_parser("export", help="consolidated fp32 export of a run folder's checkpoint, "
+                        "and with --onnx model.onnx checked against PyTorch")
+    ex.add_argument("run_folder", metavar="MODEL", help="a stage run folder "
+                    "(<workdir>/<pipeline>/<stage>); with --onnx also an export folder or a "
+                    "models:/<name>@<alias> URI (with --out)")
     ex.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     ex.add_argument("--out", help="export folder (default: <run_folder>/export, or "
                                   "export_step_<N> when that holds the finished stage's export)")
-    ex.add_argument("--onnx", action="store_true", help="also write model.onnx and "
-                    "onnx_parity.json (needs the onnx extra)")
+    ex.add_argument("--onnx", action="store_true", help="write model.onnx and onnx_parity.json "
+                    "(AP of PyTorch and onnxruntime on the validation split; exit 2 when they "
+                    "differ by more than 0.005). A finished run folder's export/ is used as it is "
+                    "unless --step is given. Needs the onnx extra")
+    ex.add_argument("--data", help="split for the ONNX parity check (default: the model's val split)")
     ex.add_argument("--register", action="store_true", help="register the export in MLflow")
     ex.add_argument("--workdir", default=None, help="workdir of the MLflow store (default: "
                                                     "the run folder's grandparent)")
@@ -117,26 +123,37 @@ def cmd_predict(args) -> int:
     return 0 if done == len(paths) else 1
 
 
-def _shard_report(predictor, split: Path) -> dict:
-    """The stage's evaluation on a shard split (same loader, same batches, same numbers)."""
+def _data_config(predictor, split: Path):
+    """The stage's data config (eval resize, batch size) pointed at split's shard folder."""
     import dataclasses
 
-    from pipeline.data.detection import DetectionDataConfig, build_detection_loader
-    from pipeline.data.shards import load_shard_info
-    from pipeline.inference.evaluate import evaluate_batches
+    from pipeline.data.detection import DetectionDataConfig
 
     data = dict((predictor.meta.get("config") or {}).get("data") or {})
     fields = {f.name for f in dataclasses.fields(DetectionDataConfig)}
     data = {k: v for k, v in data.items() if k in fields}
-    cfg = DetectionDataConfig(**{**data, "shards": str(split.parent)})
-    if predictor.spec.kind == "segmenter":
-        return {"metrics": _segmenter_metrics(predictor, cfg, split)}
+    return DetectionDataConfig(**{**data, "shards": str(split.parent)})
+
+
+def _split_loader(predictor, split: Path):
+    """(the stage's evaluation loader over split, its COCO annotation file)."""
+    from pipeline.data.detection import build_detection_loader
+    from pipeline.data.shards import load_shard_info
+
     annotations = load_shard_info(split).annotation_path
     if annotations is None:
         raise FileNotFoundError(f"{split} has no annotation file beside its shards; convert it "
                                 "with `detrforge data coco-to-shards`")
-    loader = build_detection_loader(cfg, split.name, 0, 1)
-    return evaluate_batches(predictor, loader, annotations)
+    return build_detection_loader(_data_config(predictor, split), split.name, 0, 1), annotations
+
+
+def _shard_report(predictor, split: Path) -> dict:
+    """The stage's evaluation on a shard split (same loader, same batches, same numbers)."""
+    from pipeline.inference.evaluate import evaluate_batches
+
+    if predictor.spec.kind == "segmenter":
+        return {"metrics": _segmenter_metrics(predictor, _data_config(predictor, split), split)}
+    return evaluate_batches(predictor, *_split_loader(predictor, split))
 
 
 def _segmenter_metrics(predictor, cfg, split: Path) -> dict:
@@ -159,8 +176,6 @@ def cmd_eval(args) -> int:
     from pipeline.inference.evaluate import evaluate_batches, format_report, raw_coco_batches
 
     if bool(args.data) == bool(args.annotations and args.images):
-        from launch.errors import CliError
-
         raise CliError("detrforge eval: give --data SPLIT, or --annotations COCO.json with --images DIR")
     predictor = _predictor(args)
     if args.data:
@@ -212,7 +227,28 @@ def _export_meta(run_folder: Path) -> dict:
     return meta
 
 
-def cmd_export(args) -> int:
+def _given_export(args) -> Path | None:
+    """The export folder --onnx reads as it is (a models:/ URI, an export folder, a finished run
+    folder without --step); None when a checkpoint is to be consolidated first."""
+    from pipeline.inference.model_io import resolve_model
+
+    model = str(args.run_folder)
+    if model.startswith("models:/"):
+        if not args.out:
+            raise CliError(f"detrforge export {model} --onnx: give --out DIR for model.onnx")
+        if args.register:
+            raise CliError("detrforge export: --register takes a run folder, not a models:/ URI")
+        workdir = args.workdir or default_workdir()
+        return resolve_model(model, _tracking_uri(workdir), tempfile.mkdtemp(prefix="detrforge-model-"))
+    if (Path(model) / META_FILE).is_file():
+        return Path(model)
+    if args.step is None and RunFolder(Path(model)).export_meta_path.is_file():
+        return RunFolder(Path(model)).export_dir
+    return None
+
+
+def _consolidate(args) -> Path:
+    """The fp32 export of the run folder's checkpoint (--step, default latest)."""
     from pipeline.inference.consolidate import checkpoint_dir, export_checkpoint
 
     run_folder = Path(args.run_folder)
@@ -222,14 +258,53 @@ def cmd_export(args) -> int:
         out = run_folder / f"export_{directory.name}"
     export = export_checkpoint(run_folder, out, _export_meta(run_folder), args.step)
     print(f"exported {directory} -> {export}")
-    if args.onnx:
-        from launch.errors import CliError
+    return export
 
-        raise CliError("detrforge export --onnx: the ONNX export is not in this version yet; the "
-                       f"fp32 export was written to {export}")
+
+def _write_onnx(export: Path, out: Path, data: str | None) -> dict:
+    """model.onnx and onnx_parity.json in out; OnnxParityError (exit 2) past the tolerance."""
+    from pipeline.inference.onnx_export import (
+        ONNX_FILE,
+        PARITY_FILE,
+        OnnxExportConfig,
+        OnnxPredictor,
+        check_parity,
+        default_canvas,
+        export_onnx,
+        parity_report,
+    )
+    from pipeline.inference.predictor import Predictor
+
+    predictor = Predictor.from_export(export)
+    cfg = OnnxExportConfig(canvas=default_canvas(predictor))
+    path = export_onnx(predictor, out / ONNX_FILE, cfg)
+    shards = ((predictor.meta.get("config") or {}).get("data") or {}).get("shards")
+    if data is None and not shards:
+        raise CliError(f"{export}: meta.json names no data.shards; give --data SPLIT for the parity check")
+    split = Path(data) if data else Path(shards) / "val"
+    onnx = OnnxPredictor(path, predictor, cfg.canvas)
+    report = {"model": str(export), "onnx": str(path), "data": str(split),
+              **parity_report(predictor, onnx, *_split_loader(predictor, split), cfg)}
+    (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
+    print(f"ONNX {path}: AP pytorch {report['ap_pytorch']:.4f}, onnx {report['ap_onnx']:.4f} "
+          f"(diff {report['ap_diff']:.4f}), max |d boxes| {report['boxes_max_abs_diff']:.2g}, "
+          f"max |d scores| {report['scores_max_abs_diff']:.2g}, "
+          f"{report['latency_ms_per_batch']['pytorch']:.1f} vs "
+          f"{report['latency_ms_per_batch']['onnx']:.1f} ms/batch -> {out / PARITY_FILE}")
+    check_parity(report, str(out / PARITY_FILE))
+    return report
+
+
+def cmd_export(args) -> int:
+    export = _given_export(args) if args.onnx else None
+    if export is None:
+        export = _consolidate(args)
+    if args.onnx:
+        _write_onnx(export, Path(args.out) if args.out else export, args.data)
     if args.register:
         from pipeline.registry import register_export
 
+        run_folder = Path(args.run_folder)
         workdir = Path(args.workdir) if args.workdir else run_folder.parent.parent
         name = f"{run_folder.parent.name}.{run_folder.name}"
         version = register_export(export, name, _tracking_uri(workdir))

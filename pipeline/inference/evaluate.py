@@ -42,11 +42,19 @@ def per_class_ap(evaluator: CocoEvaluator, names: list[str]) -> dict[str, float]
     return table
 
 
-def _label_to_id(predictor: Predictor) -> list[int]:
+def label_to_category_id(predictor: Predictor) -> list[int]:
+    """The dataset category id of each contiguous label."""
     categories = predictor.spec.categories
     if not categories:
         return list(range(1, len(predictor.class_names) + 1))
     return [int(c["id"]) for c in categories]
+
+
+def with_sizes(batch: dict) -> dict:
+    """A loader batch plus the "sizes" / "orig_sizes" (B, 2) the post-processing reads."""
+    targets = batch["targets"]
+    return {**batch, "sizes": torch.stack([t["size"] for t in targets]),
+            "orig_sizes": torch.stack([t["orig_size"] for t in targets])}
 
 
 def evaluate_batches(predictor: Predictor, batches, annotation_file: str | Path | dict,
@@ -54,11 +62,10 @@ def evaluate_batches(predictor: Predictor, batches, annotation_file: str | Path 
     """{"metrics": the 12 COCO bbox numbers, "per_class_AP": {name: AP}} over loader batches
     ("images", "padding_mask", "targets" with "image_id", "size", "orig_size")."""
     top_k = int(predictor.spec.eval.get("top_k", 100))
-    evaluator = CocoEvaluator(annotation_file, _label_to_id(predictor))
+    evaluator = CocoEvaluator(annotation_file, label_to_category_id(predictor))
     for batch in (progress(batches) if progress else batches):
         targets = batch["targets"]
-        batch = {**batch, "sizes": torch.stack([t["size"] for t in targets]),
-                 "orig_sizes": torch.stack([t["orig_size"] for t in targets])}
+        batch = with_sizes(batch)
         predictions = predictor.predict_batch(batch, top_k)
         evaluator.update([int(t["image_id"]) for t in targets],
                          [{"boxes": p.boxes, "scores": p.scores, "labels": p.labels} for p in predictions])

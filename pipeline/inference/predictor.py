@@ -125,7 +125,11 @@ class Predictor:
     def predict_batch(self, batch: dict, top_k: int = 100) -> list[Prediction]:
         """A batch from ``prepare_batch`` (or a loader: "images", "padding_mask", "sizes",
         "orig_sizes") -> Predictions at the original sizes."""
-        outputs = self.forward(batch["images"], batch["padding_mask"])
+        return self.postprocess(self.forward(batch["images"], batch["padding_mask"]), batch, top_k)
+
+    def postprocess(self, outputs: dict, batch: dict, top_k: int = 100) -> list[Prediction]:
+        """Raw outputs of ``forward`` on ``batch`` -> Predictions at the original sizes (the one
+        post-processing every backend shares: PyTorch here, onnxruntime in onnx_export)."""
         if self.spec.kind == "segmenter":
             return self._segment(outputs, batch, top_k)
         detections = postprocess_detections(outputs, batch["orig_sizes"], self.spec.focal, top_k)
