@@ -54,9 +54,10 @@ def _add_pipeline_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    from launch import model_cli
+    from launch import finetune_cli, model_cli
 
     model_cli.register(sub)  # predict, eval, export
+    finetune_cli.register(sub)  # finetune
 
     reg = sub.add_parser("registry", help="the MLflow model registry of the workdir")
     reg_sub = reg.add_subparsers(dest="registry_cmd", metavar="{list,promote}", required=True)

@@ -51,6 +51,7 @@ class ModelRow:
     tags: dict[str, str] = field(default_factory=dict)  # config hash, git commit, data fingerprint
     run_id: str | None = None  # run that produced the export
     source: str = ""  # artifact URI of the export folder
+    created_ms: int = 0  # when the version was registered (ms since the epoch)
 
 
 @contextlib.contextmanager
@@ -211,6 +212,7 @@ def _row(mv, aliases: list[str], is_newest: bool) -> ModelRow:
         tags=dict(mv.tags or {}),
         run_id=mv.run_id,
         source=mv.source,
+        created_ms=int(mv.creation_timestamp or 0),
     )
 
 
