@@ -222,9 +222,7 @@ def stage_status(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str
     metrics_file = RunFolder(run_dir).metrics_path
     last_metrics = {}
     if metrics_file.is_file():
-        lines = metrics_file.read_text().strip().splitlines()
-        if lines:
-            last_metrics = json.loads(lines[-1])
+        last_metrics = _last_record(metrics_file)
     if done is not None:
         state = "done" if is_up_to_date(pipeline, spec, workdir) else "outdated"
     elif step is not None:
@@ -233,3 +231,14 @@ def stage_status(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str
         state = "not started"
     return {"stage": spec.name, "state": state, "checkpoint_step": step,
             "max_steps": spec.cfg.train.max_steps, "done": done, "last_metrics": last_metrics}
+
+
+def _last_record(path: Path) -> dict[str, Any]:
+    """The last complete line of a JSON-lines log (a kill mid-append leaves a partial one)."""
+    for line in reversed(path.read_text(errors="replace").strip().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        return record if isinstance(record, dict) else {}
+    return {}

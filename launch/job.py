@@ -32,6 +32,7 @@ from typing import Any
 import submitit
 from submitit.helpers import DelayedSubmission
 
+from pipeline.atomic import write_json_atomic
 from pipeline.run_folder import STOP_FILE
 
 STOP_FILE_NAME = STOP_FILE
@@ -235,6 +236,4 @@ def _restart_count(run_folder: str | Path, job_id: str) -> int:
 
 def _record_requeue(context: JobContext) -> None:
     path = Path(context.run_folder) / REQUEUE_COUNT_FILE_NAME
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"job_id": context.job_id, "count": context.restart_count + 1}))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"job_id": context.job_id, "count": context.restart_count + 1})

@@ -11,7 +11,6 @@ it they stay pending with reason DependencyNeverSatisfied). Job ids are kept in
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from launch.executors import (
 from launch.graph import Pipeline, StageSpec, is_up_to_date, prepare_run_dir
 from launch.job import StageJob
 from launch.stage_main import stage_spec
+from pipeline.atomic import read_json, write_json_atomic
 
 JOBS_FILE = "jobs.json"
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
@@ -46,7 +46,11 @@ def _jobs_path(pipeline: Pipeline, workdir: Path) -> Path:
 
 def read_jobs(pipeline: Pipeline, workdir: Path) -> dict[str, dict]:
     path = _jobs_path(pipeline, workdir)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return read_json(path, what="SLURM job list",
+                     fix="check the jobs with `squeue --me`, cancel them with `scancel`, then "
+                         "delete that file")
 
 
 def submit(pipeline: Pipeline, cluster_file: Path, workdir: Path, force: bool = False) -> int:
@@ -76,7 +80,7 @@ def _submit_locked(pipeline: Pipeline, cluster: ClusterConfig, workdir: Path, fo
         previous = jobs[spec.name]["job_id"]
         # Written after every job, so a submission that fails half-way leaves the ids of the
         # jobs it did queue for `status` and `cancel`.
-        _jobs_path(pipeline, workdir).write_text(json.dumps(jobs, indent=2))
+        write_json_atomic(_jobs_path(pipeline, workdir), jobs)
         print(f"  {spec.name:16s} job {previous}" + (f" (after {jobs[spec.name]['after']})"
                                                      if jobs[spec.name]["after"] else ""))
     print(f"follow with: detrforge status {pipeline.path} --workdir {workdir}")

@@ -19,6 +19,7 @@ from launch.errors import is_user_error, one_line
 from launch.executors import folder_lock
 from launch.graph import Pipeline, StageSpec, data_shards
 from pipeline import dist
+from pipeline.atomic import write_json_atomic
 from pipeline.run_folder import RunFolder
 from stages import load_stage_config, stage_module
 from stages.common import StageContext
@@ -71,7 +72,7 @@ def _run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     result = stage_module(kind).run(cfg, ctx, inputs)
     record = asdict(result)
     if dist.is_main():
-        (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))
+        write_json_atomic(run_dir / RESULT_FILE, record)
     dist.shutdown()
     return record
 

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.atomic import write_text_atomic
+
 T = TypeVar("T")
 COMMAND_LINE = "<command line>"
 PATH_METADATA = "path"
@@ -347,7 +349,4 @@ def write_resolved(cfg: Any, path: str | Path, extra: dict | None = None) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# config_hash: {config_hash(cfg)}\n" + dump_yaml(cfg, extra)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, text)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from pipeline import dist
+from pipeline.atomic import fsync_dir, read_json
+from pipeline.atomic import write_bytes_atomic as write_atomic_bytes
 from pipeline.run_folder import META_FILE, WEIGHTS_FILE  # the run folder names its files
 from pipeline.weights import LoadReport, load_partial
 
@@ -38,26 +40,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync_dir(directory: Path) -> None:
-    """Persist a directory's entries (renames) on POSIX file systems."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write tmp, fsync, rename over `path`: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_export(export_dir: str | Path, state_dict: Mapping[str, torch.Tensor],
@@ -111,7 +93,8 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             f"export.py: {export_dir} is not a complete export (needs {WEIGHTS_FILE} and "
             f"{META_FILE}); point init_from at a finished stage's export/ folder"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, what="export meta",
+                     fix="re-run the exporting stage (`detrforge run ... --force`)")
     expected = meta.get("weights_sha256")
     if expected is not None and expected != _sha256(weights):
         raise ExportError(

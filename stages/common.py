@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import dist
+from pipeline.atomic import read_json, write_json_atomic
 from pipeline.checkpoint import Checkpointer, ResumeOutcome, resume
 from pipeline.config import config_hash, to_dict, write_resolved
 from pipeline.engine.callbacks import (
@@ -136,16 +137,18 @@ def seed_everything(seed: int) -> None:
 
 
 def read_done(run_dir: Path) -> dict | None:
-    """The DONE.json record of a finished stage, or None."""
+    """The DONE.json record of a finished stage, or None; a corrupt one is a CorruptFileError
+    naming it (the export next to it is kept: rerunning the stage archives the folder)."""
     path = RunFolder(run_dir).done_path
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return read_json(path, what="stage record",
+                     fix="rerun the stage with `detrforge run ... --only STAGE --force` (the "
+                         "folder is archived, not deleted), or delete that file")
 
 
 def _write_done(run_dir: Path, record: dict) -> None:
-    path = RunFolder(run_dir).done_path
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_json_atomic(RunFolder(run_dir).done_path, record)
 
 
 def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strategy: Strategy,

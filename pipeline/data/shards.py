@@ -19,6 +19,7 @@ uid/gid 0, empty owner names, fixed mode, USTAR format.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.atomic import write_text_atomic
 from pipeline.data.errors import ShardInfoError
 
 INFO_FILE = "_info.json"
@@ -102,6 +104,9 @@ class ShardInfo:
     annotation_file: str | None = None
     # What the converter dropped, by reason.
     skipped: dict[str, int] = field(default_factory=dict)
+    # sha256 over the shards' bytes (name and sha256 of each, in order), recorded when the set
+    # is written: the stage cache's identity of the data. None for sets made before it existed.
+    content_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -141,11 +146,27 @@ class ShardInfo:
         return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
+def shards_sha256(paths: Sequence[Path]) -> str:
+    """sha256 over the name and the bytes' sha256 of each shard, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        one = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                one.update(chunk)
+        digest.update(f"{Path(path).name}:{one.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def write_shard_info(info: ShardInfo) -> Path:
-    """Write ``info`` to ``<info.root>/_info.json`` and return its path."""
-    path = Path(info.root) / INFO_FILE
-    path.write_text(info.to_json())
-    return path
+    """Write ``info`` to ``<info.root>/_info.json`` (atomically) and return its path.
+
+    The shards' content hash is filled in first: the shards were just written, so this read
+    pass is mostly served from the page cache.
+    """
+    if info.content_sha256 is None:
+        info.content_sha256 = shards_sha256(info.shard_paths)
+    return write_text_atomic(Path(info.root) / INFO_FILE, info.to_json())
 
 
 def load_shard_info(root: str | Path) -> ShardInfo:
