@@ -14,6 +14,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from launch.cli import main
+from launch.finetune_cli import newest_detector
 
 PRETRAINED_CLASSES = ["circle", "triangle", "Square"]
 NEW_CLASSES = ["square", "circle", "star"]  # two known (by name), one new
@@ -127,6 +128,16 @@ def test_finetune_end_to_end_then_up_to_date(user_data, capsys):
     assert "stage shapes/finetune is up to date" in out and "skipped (up to date)" in out
     assert json.loads((run_dir / "DONE.json").read_text())["finished_at"] == finished_at
     assert len(list((workdir / "datasets").iterdir())) == 1
+
+    # the generated pipeline is an ordinary one: `detrforge run` / `status` take it as it is
+    pipeline_file = str(folder / "pipeline.yaml")
+    assert main(["run", pipeline_file, "--workdir", str(workdir)]) == 0
+    assert main(["status", pipeline_file, "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped (up to date)" in out and "finetune       done" in out
+    # the default --from: the newest registered detector, never this fine-tune's own model
+    assert newest_detector(workdir, "other.") == "models:/shapes.finetune/1"
+    assert newest_detector(workdir, "shapes.") is None
 
 
 def test_finetune_stops_on_doctor_errors(user_data, capsys):
