@@ -2,8 +2,14 @@
 
 A save writes `checkpoints/step_<N>/` on every rank (strategy shards + client state), waits for
 all ranks, fsyncs, drops a COMPLETE marker, and only then replaces `latest` atomically. A kill at
-any moment therefore leaves `latest` naming a complete folder; a half-written newer folder is
-removed on the next start.
+any moment therefore leaves `latest` naming a complete folder; a half-written newer folder (no
+COMPLETE marker) is removed on the next start. Complete folders are never deleted on recovery:
+only keep-last pruning removes one, once a newer complete one is `latest`.
+
+Resume takes the newest complete folder that loads (`latest` is a hint, not a requirement): a
+`latest` naming a missing folder, or a complete folder whose files are truncated, is skipped
+with a warning naming it, and the next older complete one is tried. Rank 0 picks the folder and
+broadcasts it, so all ranks load the same one, and all ranks agree on whether it loaded.
 
 The client state holds what the strategy does not: the progress (TrainState), the RNG states of
 every rank, the data position of every rank and the state of named stateful objects (the
@@ -31,11 +37,18 @@ import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.export import LoadReport, fsync_dir, load_export, load_partial, write_atomic_bytes
-from pipeline.run_folder import COMPLETE_MARKER, CheckpointError, RunFolder, step_of
+from pipeline.atomic import fsync_dir, write_bytes_atomic
+from pipeline.checkpoint_select import (
+    CheckpointMismatchError,
+    choose_and_load,
+    has_checkpoint,
+    report_fallback,
+)
+from pipeline.export import LoadReport, load_export, load_partial
+from pipeline.run_folder import COMPLETE_MARKER, CheckpointError, RunFolder, is_complete, step_of
 
-__all__ = ["COMPLETE_MARKER", "CheckpointError", "Checkpointer", "ResumeOutcome", "RunFolder",
-           "Stateful", "capture_rng", "load_checkpoint", "load_named_state", "prune_checkpoints",
+__all__ = ["COMPLETE_MARKER", "CheckpointError", "CheckpointMismatchError", "Checkpointer",
+           "ResumeOutcome", "RunFolder", "Stateful", "capture_rng", "load_checkpoint", "load_named_state", "prune_checkpoints",
            "remove_incomplete", "restore_rng", "resume", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
@@ -93,11 +106,14 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 # --- save ------------------------------------------------------------------------------------
 
+def _mark_complete(directory: Path) -> None:
+    write_bytes_atomic(directory / COMPLETE_MARKER, f"{step_of(directory)}\n".encode())
+
+
 def _publish_latest(run: RunFolder, directory: Path) -> None:
     """Mark `directory` complete, then point `latest` at it (atomic, last)."""
-    (directory / COMPLETE_MARKER).write_text(f"{step_of(directory)}\n")
-    fsync_dir(directory)
-    write_atomic_bytes(run.latest_path, f"{directory.name}\n".encode())
+    _mark_complete(directory)
+    write_bytes_atomic(run.latest_path, f"{directory.name}\n".encode())
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -109,24 +125,25 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def prune_checkpoints(run: RunFolder, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never `latest`)."""
+    """Delete all but the newest `keep_last` complete checkpoints up to `latest` (never
+    `latest`, nothing without a complete `latest`, nothing newer than it, no diverged save)."""
     latest = run.latest_dir()
-    complete = [p for p in run.step_dirs() if (p / COMPLETE_MARKER).is_file()]
-    doomed = [p for p in complete[:-keep_last] if p != latest] if keep_last > 0 else []
+    if latest is None or keep_last < 1:
+        return []
+    older = [p for p in run.complete_step_dirs() if step_of(p) <= step_of(latest)]
+    doomed = [p for p in older[:-keep_last] if p != latest]
     for directory in doomed:
         shutil.rmtree(directory, ignore_errors=True)
     return doomed
 
 
 def remove_incomplete(run: RunFolder) -> list[Path]:
-    """Rank 0 deletes step folders a killed save left behind: those without the COMPLETE
-    marker and those newer than `latest`. Every rank must call it (it ends with a barrier)."""
+    """Rank 0 deletes the step folders a killed save left behind: those without the COMPLETE
+    marker, and only those. Every rank must call it (it ends with a barrier)."""
     removed = []
     if dist.is_main():
-        latest_step = run.latest_step()
         for directory in run.step_dirs():
-            newer = latest_step is None or step_of(directory) > latest_step
-            if newer or not (directory / COMPLETE_MARKER).is_file():
+            if not is_complete(directory):
                 shutil.rmtree(directory, ignore_errors=True)
                 removed.append(directory)
     dist.barrier()
@@ -149,15 +166,17 @@ def _named_states(stateful: Mapping[str, Stateful]) -> dict[str, Any]:
 
 def save_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
                     loader: Any = None, stateful: Mapping[str, Stateful] | None = None,
-                    keep_last: int = 3) -> Path:
+                    keep_last: int = 3, diverged: bool = False) -> Path:
     """Checkpoint step `state.step`; every rank must call it. Returns the step folder.
 
     `stateful` maps a stable name to each object whose state is kept (rank 0's is saved: the
     objects must hold the same state on every rank). A step that `latest` already names is not
     written twice (the periodic save and the stop save may meet on one step).
+    `diverged=True` (the non-finite guard) writes `checkpoints/diverged_step_<N>/` instead:
+    complete, kept for inspection, but never `latest` and never a reason to prune good ones.
     """
-    directory = run.step_dir(state.step)
-    if run.latest_step() == state.step:
+    directory = run.diverged_dir(state.step) if diverged else run.step_dir(state.step)
+    if not diverged and run.latest_step() == state.step:
         return directory
     client = {
         "train_state": state.state_dict(),
@@ -174,8 +193,11 @@ def save_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         _fsync_tree(directory)
-        _publish_latest(run, directory)
-        prune_checkpoints(run, keep_last)
+        if diverged:
+            _mark_complete(directory)
+        else:
+            _publish_latest(run, directory)
+            prune_checkpoints(run, keep_last)
     dist.barrier()
     return directory
 
@@ -204,6 +226,11 @@ class Checkpointer:
         return save_checkpoint(self.run, self.strategy, state, loader=self.loader,
                                stateful=self.stateful, keep_last=self.keep_last)
 
+    def save_diverged(self, state: Progress) -> Path:
+        """The non-finite guard's save: `checkpoints/diverged_step_<N>/`, never `latest`."""
+        return save_checkpoint(self.run, self.strategy, state, loader=self.loader,
+                               stateful=self.stateful, diverged=True)
+
 
 # --- resume ----------------------------------------------------------------------------------
 
@@ -231,24 +258,22 @@ def _saved_named_state(client: Mapping[str, Any], directory: Path) -> dict[str, 
         return dict(client[NAMED_KEY])
     legacy = client.get(_LEGACY_LIST_KEY) or []
     if any(legacy):  # positions cannot be matched to names safely
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"checkpoint.py: {directory} keeps callback state by list position (an older "
-            "detrforge); finish the run with that version, or delete `latest` to start over"
+            "detrforge); finish the run with that version, or rerun with --force to archive "
+            "the run folder and start over"
         )
     return {}
 
 
-def _load_client(run: RunFolder, strategy: ShardedState, state: Progress,
-                 loader: Any) -> tuple[Path, dict[str, Any]]:
-    """Strategy, progress, RNG and data position from `latest`; returns (folder, named state)."""
-    directory = run.latest_dir()
-    if directory is None:
-        raise CheckpointError(f"checkpoint.py: no `latest` checkpoint in {run.root}")
+def _load_client(directory: Path, strategy: ShardedState, state: Progress,
+                 loader: Any) -> dict[str, Any]:
+    """Strategy, progress, RNG and data position from `directory`; returns the named state."""
     client = strategy.load(directory).get(CLIENT_KEY)
     if client is None:
         raise CheckpointError(f"checkpoint.py: {directory} holds no detrforge client state")
     if client["world_size"] != dist.get_world_size():
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"checkpoint.py: {directory} was written by {client['world_size']} ranks, this job "
             f"has {dist.get_world_size()}; resume with the same number of processes"
         )
@@ -257,13 +282,23 @@ def _load_client(run: RunFolder, strategy: ShardedState, state: Progress,
     restore_rng(client["rng"][rank])
     if loader is not None and client["loader"][rank] is not None:
         loader.load_state_dict(client["loader"][rank])
-    return directory, _saved_named_state(client, directory)
+    return _saved_named_state(client, directory)
+
+
+def _load_newest(run: RunFolder, strategy: ShardedState, state: Progress,
+                 loader: Any) -> tuple[Path, dict[str, Any]]:
+    """The newest complete checkpoint that loads, on every rank; warns about what it skipped."""
+    attempt = choose_and_load(run, lambda directory: _load_client(directory, strategy, state,
+                                                                   loader))
+    report_fallback(run, attempt)
+    return attempt.loaded, attempt.saved_state
 
 
 def load_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
                     loader: Any = None, stateful: Mapping[str, Stateful] | None = None) -> Path:
-    """Restore everything from `latest` (every rank calls it). Returns the folder loaded."""
-    directory, saved = _load_client(run, strategy, state, loader)
+    """Restore everything from the newest complete checkpoint that loads (every rank calls it).
+    Returns the folder loaded."""
+    directory, saved = _load_newest(run, strategy, state, loader)
     load_named_state(stateful or {}, saved, directory)
     return directory
 
@@ -297,7 +332,7 @@ def resume(run: RunFolder, model: nn.Module, make_strategy: Callable[[nn.Module]
            prefix_map: Mapping[str, str] | None = None) -> tuple[Any, ResumeOutcome]:
     """The resume order, in one place:
 
-    1. the run folder has `latest` -> exact resume (model, optimizer, schedule, step, RNG,
+    1. the run folder has a complete checkpoint -> exact resume from the newest that loads (model, optimizer, schedule, step, RNG,
        data position, tracker run id; named state now if `stateful` is given, else later
        through `outcome.restore(...)`);
     2. else `init_from` (a path to an export; the stage layer resolves stage names and
@@ -308,11 +343,10 @@ def resume(run: RunFolder, model: nn.Module, make_strategy: Callable[[nn.Module]
     `make_strategy(model)` builds the strategy (every rank calls `resume`).
     Returns (strategy, outcome).
     """
-    latest = run.latest_dir()
-    if latest is not None:
+    if has_checkpoint(run):
         strategy = make_strategy(model)
         remove_incomplete(run)
-        directory, saved = _load_client(run, strategy, state, loader)
+        directory, saved = _load_newest(run, strategy, state, loader)
         outcome = ResumeOutcome("resume", directory, saved_state=saved)
         if stateful is not None:
             outcome.restore(stateful)

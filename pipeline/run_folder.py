@@ -4,6 +4,8 @@
 
     config.yaml            the resolved config, its hash and derived values
     checkpoints/step_<N>/  strategy shards + client state; COMPLETE marks a finished save
+    checkpoints/diverged_step_<N>/   the non-finite guard's save: never `latest`, never pruned
+    checkpoints/unloadable_step_<N>/ a complete checkpoint that failed to load, moved aside
     latest                 names the newest complete checkpoint folder (written last)
     export/                model.safetensors + meta.json (consolidated fp32 weights)
     DONE.json              final metrics, tracker run id, registered model version
@@ -35,6 +37,8 @@ META_FILE = "meta.json"
 COMPLETE_MARKER = "COMPLETE"
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+DIVERGED_PREFIX = "diverged_"  # + step_<N>: weights saved when training diverged
+UNLOADABLE_PREFIX = "unloadable_"  # + step_<N>: kept for inspection, never resumed from
 
 
 class CheckpointError(RuntimeError):
@@ -106,18 +110,13 @@ class RunFolder:
         return self.latest_path.read_text().strip() if self.latest_path.is_file() else None
 
     def latest_dir(self) -> Path | None:
-        """The folder `latest` names, or None when there is no usable checkpoint."""
+        """The complete folder `latest` names; None without `latest` or when it names no
+        complete step folder (resume then falls back to the newest complete one)."""
         name = self.latest_name()
-        if name is None:
+        if name is None or not STEP_DIR.match(name):
             return None
         directory = self.checkpoints_dir / name
-        if not STEP_DIR.match(name) or not (directory / COMPLETE_MARKER).is_file():
-            raise CheckpointError(
-                f"run_folder.py: {self.latest_path} names {name!r}, which is not a complete "
-                "checkpoint folder; the run folder was edited by hand. Delete `latest` to "
-                "start from scratch"
-            )
-        return directory
+        return directory if is_complete(directory) else None
 
     def latest_step(self) -> int | None:
         """Step of the latest checkpoint, or None."""
@@ -131,7 +130,27 @@ class RunFolder:
         found = [p for p in self.checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
         return sorted(found, key=step_of)
 
+    def complete_step_dirs(self) -> list[Path]:
+        """The step folders whose save finished (COMPLETE marker), oldest first."""
+        return [p for p in self.step_dirs() if is_complete(p)]
+
+    def diverged_dir(self, step: int) -> Path:
+        """checkpoints/diverged_step_<step>/: outside `step_dirs`, so never resumed or pruned."""
+        return self.checkpoints_dir / f"{DIVERGED_PREFIX}step_{step}"
+
+    def unloadable_dir(self, directory: Path) -> Path:
+        """Where a complete step folder that failed to load is moved (kept, never resumed)."""
+        return self.checkpoints_dir / f"{UNLOADABLE_PREFIX}{Path(directory).name}"
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether a checkpoint folder's save finished (its COMPLETE marker exists)."""
+    return (Path(directory) / COMPLETE_MARKER).is_file()
+
 
 def step_of(directory: Path) -> int:
-    """N of a checkpoints/step_<N>/ folder."""
-    return int(STEP_DIR.match(Path(directory).name).group(1))
+    """N of a checkpoints/step_<N>/ folder (also of diverged_/unloadable_step_<N>)."""
+    name = Path(directory).name
+    for prefix in (DIVERGED_PREFIX, UNLOADABLE_PREFIX):
+        name = name.removeprefix(prefix)
+    return int(STEP_DIR.match(name).group(1))

@@ -152,7 +152,7 @@ def _write_done(run_dir: Path, record: dict) -> None:
 
 
 def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strategy: Strategy,
-               tracker: Tracker, save: SaveFn) -> list[Callback]:
+               tracker: Tracker, save: SaveFn, save_diverged: SaveFn) -> list[Callback]:
     """The hooks, in the order they run at each step (evaluation before the step's save)."""
     stop = StopOnRequest(ctx.stop_file)
     stop.install_signal_handlers()
@@ -160,7 +160,7 @@ def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strateg
     if train.eval_every:
         callbacks.append(PeriodicEval(
             lambda state: _eval_and_log(parts, strategy, tracker, state.step), train.eval_every))
-    callbacks += [NonFiniteGuard(train.max_nonfinite_in_a_row, save=save),
+    callbacks += [NonFiniteGuard(train.max_nonfinite_in_a_row, save=save_diverged),
                   PeriodicCheckpoint(save, train.checkpoint_every, at_end=True), stop]
     if train.progress_bar and dist.is_main():
         callbacks.append(ProgressBar(train.max_steps, parts.images_per_step))
@@ -216,7 +216,8 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
         write_resolved(cfg, run.config_path, extra=derived)
     tracker = _start_tracker(ctx, cfg, tracking, env, run, state, outcome, derived)
     checkpointer = Checkpointer(run, strategy, loader=parts.loader, keep_last=train.keep_last)
-    callbacks = _callbacks(ctx, train, parts, strategy, tracker, checkpointer.save)
+    callbacks = _callbacks(ctx, train, parts, strategy, tracker, checkpointer.save,
+                           checkpointer.save_diverged)
     named = stateful_callbacks(callbacks)
     checkpointer.track(named)
     outcome.restore(named)

@@ -179,10 +179,14 @@ class PeriodicCheckpoint(Callback):
 
 
 class NonFiniteGuard(Callback):
-    """Stops training after `max_consecutive` non-finite losses in a row, saving first.
+    """Stops training after `max_consecutive` non-finite losses or gradient norms in a row,
+    saving first.
 
-    The loop itself drops every non-finite batch (no backward, no optimizer step); this guard
+    The loop itself drops every non-finite batch or step (no optimizer update); this guard
     decides when that has gone on long enough to be a diverged run rather than a bad batch.
+    `save` must write the state aside (`Checkpointer.save_diverged`: a `diverged_step_<N>`
+    folder), never as `latest`: a resume must start from the last good checkpoint, and
+    keep-last pruning must not drop good checkpoints for a diverged one.
     """
 
     name = "nonfinite_guard"
@@ -197,9 +201,10 @@ class NonFiniteGuard(Callback):
             return
         saved = self.save(state) if self.save is not None else None
         raise NonFiniteLossError(
-            f"engine/callbacks.py: {state.consecutive_nonfinite} non-finite losses in a row at "
-            f"step {state.step} (last {loss}); "
-            + (f"checkpoint saved ({saved}). " if saved is not None else "nothing saved. ")
+            f"engine/callbacks.py: {state.consecutive_nonfinite} non-finite losses or gradient "
+            f"norms in a row at step {state.step} (last {loss}); "
+            + (f"diverged state saved aside ({saved}; a rerun resumes from the last good "
+               "checkpoint). " if saved is not None else "nothing saved. ")
             + "Lower the lr, raise warmup_steps or grad_clip, or check the data for broken boxes"
         )
 

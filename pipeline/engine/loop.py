@@ -6,7 +6,10 @@ accumulation, the non-finite guard, callbacks, the agreed stop. It never looks i
 
 A non-finite loss on any rank drops that batch on every rank (no backward, no optimizer step)
 and the next batch takes its place, so DeepSpeed's accumulation counters and the lr schedule
-stay a function of `state.step` alone; the NonFiniteGuard callback decides when to give up.
+stay a function of `state.step` alone. A non-finite global gradient norm drops the whole
+optimizer step the same way (the strategy skips the update and zeroes the gradients; the
+micro-batches of that step are drawn anew). Both count as non-finite events, and the
+NonFiniteGuard callback decides when to give up.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def _is_finite_everywhere(loss: torch.Tensor) -> bool:
     return not dist.any_rank(local_bad)
 
 
+def _grad_norm_finite_everywhere(strategy: Strategy) -> bool:
+    """The norm is global (equal on every rank); the collective makes the branch agree anyway."""
+    return not dist.any_rank(not math.isfinite(strategy.last_grad_norm))
+
+
+def _count_nonfinite(state: TrainState, callbacks: Sequence[Callback], value: float) -> None:
+    state.nonfinite_losses += 1
+    state.consecutive_nonfinite += 1
+    for callback in callbacks:
+        callback.on_nonfinite_loss(state, value)
+
+
 def _train_one_step(task_step: TaskStep, batches: Iterator[Any], strategy: Strategy,
                     callbacks: Sequence[Callback], state: TrainState) -> dict[str, float]:
     """grad_accum_steps finite micro-batches -> one optimizer step; returns this rank's means."""
@@ -74,17 +89,19 @@ def _train_one_step(task_step: TaskStep, batches: Iterator[Any], strategy: Strat
         with strategy.autocast():
             loss, metrics = task_step(batch)
         if not _is_finite_everywhere(loss):
-            state.nonfinite_losses += 1
-            state.consecutive_nonfinite += 1
-            for callback in callbacks:
-                callback.on_nonfinite_loss(state, float(loss.detach().float().mean()))
+            _count_nonfinite(state, callbacks, float(loss.detach().float().mean()))
             continue
-        state.consecutive_nonfinite = 0
         strategy.backward(loss)
-        strategy.step()
+        boundary = strategy.step()
         done += 1
         for key, value in {"loss": float(loss.detach()), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(value)
+        if boundary and not _grad_norm_finite_everywhere(strategy):
+            _count_nonfinite(state, callbacks, strategy.last_grad_norm)
+            sums, done = {}, 0  # the strategy dropped the step: its micro-batches too
+            continue
+        if boundary:
+            state.consecutive_nonfinite = 0
     means = {key: value / done for key, value in sums.items()}
     means.update(lr=lr, step_time_s=time.perf_counter() - started)
     return means

@@ -13,6 +13,7 @@ schedule, so nothing is written twice. A torch-native AdamW is passed as the cli
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline import dist
+from pipeline.engine.ds_config import deepspeed_config
 from pipeline.engine.optim import OptimizerConfig, build_optimizer, build_scheduler
 
 KINDS = ("deepspeed", "single")
@@ -80,54 +82,6 @@ def default_device(env: dist.DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-DEFAULT_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce/allgather bucket default
-DEFAULT_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's ZeRO-3 prefetch bucket default
-
-
-def deepspeed_config(
-    cfg: StrategyConfig, micro_batch_size: int, world_size: int, precision: str,
-    num_params: int | None = None,
-) -> dict[str, Any]:
-    """The DeepSpeed config dict, derived from the stage's settings (write it to the run folder).
-
-    `precision` is resolved ("fp32" or "bf16"). The lr is absent on purpose: the client
-    optimizer and scheduler carry it. With `num_params`, communication buckets are capped at
-    the model size: DeepSpeed's defaults (5e8 elements, 2 GB in fp32) preallocate far more
-    than a small model needs under ZeRO-3.
-    """
-    if micro_batch_size < 1:
-        raise ValueError(f"engine/strategy.py: micro_batch_size must be >= 1, got {micro_batch_size}")
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if num_params is not None:
-        # Rounded up to 1024 elements: DeepSpeed wants buckets aligned to its padding factor.
-        model_elements = -(-max(1, num_params) // 1024) * 1024
-        zero["reduce_bucket_size"] = min(DEFAULT_BUCKET_ELEMENTS, model_elements)
-        zero["allgather_bucket_size"] = min(DEFAULT_BUCKET_ELEMENTS, model_elements)
-        if cfg.zero_stage == 3:
-            zero["stage3_prefetch_bucket_size"] = min(DEFAULT_PREFETCH_ELEMENTS, model_elements)
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": micro_batch_size * cfg.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        # torch's AdamW as client optimizer: nothing to JIT-compile, also when offloading.
-        "zero_force_ds_cpu_optimizer": False,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if precision == "bf16":
-        # BatchNorm's running stats must match the bf16 parameters or its kernel refuses them.
-        config["data_types"] = {"buffer_dtype": "bf16"}
-    return config
-
-
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """name, base lr, weight decay and parameter count of each group (for config.yaml).
 
@@ -150,6 +104,9 @@ class Strategy:
     grad_accum_steps: int  # micro-batches per optimizer step
     param_groups: list[dict[str, Any]]  # describe_param_groups of the optimizer, as built
     deepspeed_config: dict[str, Any] | None = None  # the derived DeepSpeed dict, if any
+    # Global gradient norm of the last optimizer step (before clipping). Not finite: the step
+    # was dropped (no parameter, optimizer-state or schedule change), the same on every rank.
+    last_grad_norm: float = 0.0
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -175,8 +132,9 @@ class Strategy:
         raise NotImplementedError
 
     def step(self) -> bool:
-        """End a micro-batch; at an accumulation boundary clip, step optimizer and schedule,
-        zero the gradients and return True."""
+        """End a micro-batch; at an accumulation boundary set `last_grad_norm`, clip, step
+        optimizer and schedule (neither when the norm is not finite), zero the gradients and
+        return True."""
         raise NotImplementedError
 
     @property
@@ -221,10 +179,12 @@ class SingleStrategy(Strategy):
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum_steps:
             return False
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        self.last_grad_norm = float(norm)
+        if math.isfinite(self.last_grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
@@ -256,6 +216,13 @@ class SingleStrategy(Strategy):
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: _to_cpu_fp32(v) for k, v in self.module.state_dict().items()}
+
+
+def _grad_norm(module: nn.Module) -> float:
+    """L2 norm of every gradient of `module` (0 without any)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters()
+             if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _to_cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -321,8 +288,28 @@ class DeepSpeedStrategy(Strategy):
 
     def step(self) -> bool:
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.cfg.zero_stage == 0:
+            # No ZeRO optimizer to skip a non-finite step: the gradients are all-reduced by
+            # now (equal on every rank), so check them here and drop the step ourselves.
+            self.last_grad_norm = _grad_norm(self.module)
+            if not math.isfinite(self.last_grad_norm):
+                self._drop_step_zero0()
+                return boundary
         self.engine.step()
+        if boundary and self.cfg.zero_stage > 0:  # ZeRO skips a non-finite step itself
+            norm = self.engine.get_global_grad_norm()
+            self.last_grad_norm = float("nan") if norm is None else float(norm)
         return boundary
+
+    def _drop_step_zero0(self) -> None:
+        """engine.step() without gradients (torch skips those parameters), schedule kept."""
+        schedule, lrs = self.scheduler.state_dict(), [g["lr"] for g in self.optimizer.param_groups]
+        for param in self.module.parameters():
+            param.grad = None
+        self.engine.step()
+        self.scheduler.load_state_dict(schedule)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
 
     @property
     def lr(self) -> float:
@@ -339,15 +326,21 @@ class DeepSpeedStrategy(Strategy):
                                     client_state=client_state, save_latest=False)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        path, client_state = self.engine.load_checkpoint(
-            str(directory.parent), tag=directory.name,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
-        )
-        if path is None:
-            raise CheckpointLoadError(
-                f"engine/strategy.py: DeepSpeed found no checkpoint in {directory}; "
-                "delete the run folder's `latest` to start over"
+        # The folder is the one rank 0 chose and broadcast (pipeline.checkpoint_select), so
+        # every rank loads the same step; a failure here makes all ranks try an older one.
+        try:
+            path, client_state = self.engine.load_checkpoint(
+                str(directory.parent), tag=directory.name,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
             )
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as err:
+            raise CheckpointLoadError(
+                f"engine/strategy.py: DeepSpeed cannot load {directory} "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:160]})"
+            ) from err
+        if path is None:
+            raise CheckpointLoadError(f"engine/strategy.py: DeepSpeed found no checkpoint in "
+                                      f"{directory}")
         return client_state or {}
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ the agreed stop, callbacks, and an exact single-process resume."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -148,12 +149,37 @@ def test_nonfinite_loss_drops_the_batch_without_touching_weights():
         assert not torch.equal(got, old)
 
 
+def test_nonfinite_gradient_norm_drops_the_step_without_touching_weights():
+    strategy = make_strategy(make_model())
+    before = [p.detach().clone() for p in strategy.module.parameters()]
+    calls = {"n": 0}
+
+    def poison(grad):  # the loss stays finite; the first backward's gradient does not
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 1 else grad
+
+    first = next(iter(strategy.module.parameters()))
+    first.register_hook(poison)
+    state = TrainState()
+    fit(mse_step(strategy), Stream(), strategy, [NonFiniteGuard(3)], state, max_steps=1)
+    assert (state.step, state.micro_batches, state.nonfinite_losses) == (1, 2, 1)
+    assert state.consecutive_nonfinite == 0 and math.isfinite(strategy.last_grad_norm)
+    reference = make_strategy(make_model())
+    stream = Stream()
+    stream.position = 1  # the step trained on the second batch only
+    fit(mse_step(reference), stream, reference, [], TrainState(), max_steps=1)
+    for got, want, old in zip(strategy.module.parameters(), reference.module.parameters(), before):
+        torch.testing.assert_close(got, want)
+        assert not torch.equal(got, old)
+
+
 def test_nonfinite_guard_saves_then_raises_after_n_in_a_row():
     strategy = make_strategy(make_model())
     saved = []
     guard = NonFiniteGuard(max_consecutive=3, save=lambda s: saved.append(s.step) or "ckpt")
     state = TrainState()
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 2"):
+    with pytest.raises(NonFiniteLossError,
+                       match="3 non-finite losses or gradient norms in a row at step 2"):
         fit(nan_on({2, 3, 4, 5}, strategy), Stream(), strategy, [guard], state, max_steps=10)
     assert saved == [2]
     assert state.nonfinite_losses == 3

@@ -44,7 +44,7 @@ def test_deepspeed_dict_is_derived_not_repeated():
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert config["bf16"] == {"enabled": True}
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert config["zero_force_ds_cpu_optimizer"] is False
     # The lr lives in the client optimizer and its schedule, never in the DeepSpeed dict.
     assert "optimizer" not in config and "scheduler" not in config
