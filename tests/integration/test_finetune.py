@@ -100,6 +100,9 @@ def test_finetune_end_to_end_then_up_to_date(user_data, capsys):
     from pipeline.registry import list_models
     from pipeline.tracking import tracking_uri_for
 
+    # the README's order: check the folders, then fine-tune
+    assert main(["data", "check", str(user_data["train"]), "--images",
+                 str(user_data["images"] / "train"), "--val", str(user_data["val"])]) == 0
     assert main(finetune_argv(user_data)) == 0
     out = capsys.readouterr().out
     workdir = user_data["workdir"]
@@ -138,6 +141,13 @@ def test_finetune_end_to_end_then_up_to_date(user_data, capsys):
     # the default --from: the newest registered detector, never this fine-tune's own model
     assert newest_detector(workdir, "other.") == "models:/shapes.finetune/1"
     assert newest_detector(workdir, "shapes.") is None
+    # --from a registered model URI: the fine-tuned classes all keep their rows this time
+    assert main(finetune_argv(user_data, "--from", "models:/shapes.finetune@latest",
+                              "--name", "shapes2", "--steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 classes keep their pretrained row" in out and "cached, nothing" in out
+    assert [r.name for r in list_models(tracking_uri_for(workdir))] == ["shapes.finetune",
+                                                                       "shapes2.finetune"]
 
 
 def test_finetune_stops_on_doctor_errors(user_data, capsys):
