@@ -145,12 +145,12 @@ def plan(args, meta: dict, train, workdir: Path):
                                    step_time)
 
 
-def check_data(train, val, schedule, folder: Path) -> None:
-    """The doctor on both splits (train against val's classes); errors stop with its lines."""
+def check_data(train, val, eval_size: int, max_size: int, folder: Path) -> None:
+    """The doctor on both splits (train against val's classes) at the planned input size;
+    errors stop with its lines."""
     from pipeline.data.doctor import DoctorConfig, check_coco
 
-    cfg = DoctorConfig(input_size=schedule.eval_size,
-                       max_size=max(schedule.max_size, schedule.eval_size))
+    cfg = DoctorConfig(input_size=eval_size, max_size=max(max_size, eval_size))
     reports = [check_coco(train.annotations, train.images, cfg, val.annotations),
                check_coco(val.annotations, val.images, cfg)]
     for split, report in zip(("train", "val"), reports):
@@ -184,6 +184,7 @@ def prepare(args, workdir: Path, name: str) -> Path:
     from pipeline.data.shards import load_shard_info
     from pipeline.finetune_classes import mapped_export_key, write_mapped_export
     from pipeline.finetune_data import convert_splits
+    from pipeline.finetune_plan import PlanError
     from pipeline.finetune_recipe import build_recipe
     from pipeline.inference.model_io import read_meta
 
@@ -192,8 +193,12 @@ def prepare(args, workdir: Path, name: str) -> Path:
     meta = read_meta(export)
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
-    stats, schedule = plan(args, meta, train, workdir)
-    check_data(train, val, schedule, folder)
+    try:
+        stats, schedule = plan(args, meta, train, workdir)
+    except PlanError:  # e.g. no usable image: the doctor says why, at the default size
+        check_data(train, val, 800, 1333, folder)
+        raise
+    check_data(train, val, schedule.eval_size, schedule.max_size, folder)
     shards, converted, _ = convert_splits(workdir, train, val)
     print(f"shards: {shards} ({'converted now' if converted else 'cached, nothing converted'})")
     categories = load_shard_info(shards / "train").categories
