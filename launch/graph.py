@@ -37,7 +37,7 @@ from pipeline.config import ConfigError, absolutize_overrides, config_hash, to_d
 from pipeline.run_folder import RunFolder
 from stages import load_stage_config, recipe_kind, stage_module
 from stages.common import read_done
-from stages.inputs import STAGE_PREFIX, input_fingerprints
+from stages.inputs import STAGE_PREFIX, export_is_intact, input_fingerprints
 
 PIPELINE_KEYS = {"name", "stages", "description"}
 STAGE_KEYS = {"name", "recipe", "overrides", "processes"}
@@ -163,8 +163,9 @@ def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], w
 
 
 def stage_inputs(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> dict[str, str]:
-    """Fingerprints of what a stage reads: upstream exports and its data's shard index."""
-    return input_fingerprints(workdir, pipeline.name, spec.depends_on, data_shards(spec.cfg))
+    """Fingerprints of what a stage reads (exports, path and models:/ inputs, data, ranks)."""
+    return input_fingerprints(workdir, pipeline.name, spec.depends_on, data_shards(spec.cfg),
+                              cfg=spec.cfg, processes=spec.processes)
 
 
 def data_shards(cfg: Any) -> str | None:
@@ -173,11 +174,14 @@ def data_shards(cfg: Any) -> str | None:
 
 
 def is_up_to_date(pipeline: Pipeline, spec: StageSpec, workdir: Path) -> bool:
-    done = read_done(pipeline.run_dir(workdir, spec.name))
-    if done is None:
+    """DONE.json matches this config and these inputs, and the export it vouches for is still
+    there with the weights its meta.json recorded (a deleted or replaced export = not done)."""
+    run_dir = pipeline.run_dir(workdir, spec.name)
+    done = read_done(run_dir)
+    if done is None or done.get("config_hash") != spec.config_hash:
         return False
-    return (done.get("config_hash") == spec.config_hash
-            and done.get("inputs") == stage_inputs(pipeline, spec, workdir))
+    return (done.get("inputs") == stage_inputs(pipeline, spec, workdir)
+            and export_is_intact(RunFolder(run_dir).export_dir))
 
 
 def _archive(run_dir: Path, why: str) -> None:

@@ -68,7 +68,8 @@ def _run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     ctx = StageContext(Path(spec["workdir"]), spec["pipeline"], spec["stage"],
                        parent_run_id=spec.get("parent_run_id"), stop_file=stop_file)
     inputs = input_fingerprints(ctx.workdir, ctx.pipeline, spec.get("depends_on") or [],
-                                spec.get("data_shards"))
+                                spec.get("data_shards"), cfg=cfg,
+                                processes=spec.get("processes"))
     result = stage_module(kind).run(cfg, ctx, inputs)
     record = asdict(result)
     if dist.is_main():

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 from pipeline import dist
+from pipeline.atomic import CorruptFileError, read_json
 from pipeline.run_folder import META_FILE, WEIGHTS_FILE, RunFolder
 from pipeline.tracking import tracking_uri_for
 
 STAGE_PREFIX = "stage:"
 MODEL_PREFIX = "models:/"
+INPUT_KEYS = ("init_from", "backbone_init")  # config keys naming an export a stage starts from
 
 
 class InputError(FileNotFoundError):
@@ -60,7 +63,9 @@ def _download_registered(uri: str, ctx) -> Path:
 
 
 def data_fingerprint(shards_root: str | Path) -> str:
-    """sha256 over the `_info.json` of every split: changes when the shard set changes.
+    """sha256 over the `_info.json` of every split: changes when the shard set changes (an
+    `_info.json` records the shards' content sha256 since it exists; older sets are known by
+    their index only).
 
     A folder without shard sets is an error: its fingerprint would be that of "nothing", and a
     finished stage would look outdated (and be retrained) because its data moved or was unmounted.
@@ -79,23 +84,80 @@ def data_fingerprint(shards_root: str | Path) -> str:
 
 def export_fingerprint(export_dir: Path) -> str:
     """What identifies an input export for the stage cache: its weights' sha256 from meta.json."""
-    import json
-
     meta = Path(export_dir) / META_FILE
     if not meta.is_file():
         return "missing"
-    data = json.loads(meta.read_text())
+    data = read_json(meta, what="export meta", fix="re-run the stage that wrote it")
     return str(data.get("weights_sha256") or data.get("config_hash") or "unknown")
 
 
+def export_is_intact(export_dir: Path) -> bool:
+    """Whether an export's weights still match the sha256 its meta.json recorded."""
+    weights, meta = Path(export_dir) / WEIGHTS_FILE, Path(export_dir) / META_FILE
+    if not weights.is_file() or not meta.is_file():
+        return False
+    try:
+        expected = read_json(meta).get("weights_sha256")
+    except (CorruptFileError, AttributeError):
+        return False
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return expected == digest.hexdigest()
+
+
+def registered_fingerprint(uri: str, tracking_uri: str) -> str:
+    """The version an MLflow model URI resolves to now, and the run that made it: a moved
+    alias changes it. Asks the registry (no download)."""
+    from pipeline.registry import RegistryError, parse_model_uri
+    from pipeline.tracking import mlflow_client
+
+    name, version, alias = parse_model_uri(uri)
+    client = mlflow_client(tracking_uri)
+    try:
+        found = (client.get_model_version_by_alias(name, alias) if alias is not None
+                 else client.get_model_version(name, str(version)))
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own exception types
+        raise RegistryError(f"stages/inputs.py: cannot resolve {uri} in {tracking_uri} "
+                            f"({' '.join(str(err).split())[:160]})") from None
+    return f"{found.name}/{found.version}:{found.run_id}"
+
+
+def _path_inputs(cfg: Any) -> list[str]:
+    """The `init_from`-like values of a config that are paths or model URIs (not stage:)."""
+    found = []
+    for key in INPUT_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (str, Path)) and value and not str(value).startswith(STAGE_PREFIX):
+            found.append(str(value))
+    return found
+
+
+def _fingerprint_ref(ref: str, workdir: Path, cfg: Any) -> str:
+    if ref.startswith(MODEL_PREFIX):
+        return registered_fingerprint(ref, tracking_uri_for(workdir, getattr(cfg, "tracking",
+                                                                              None)))
+    path = Path(ref).expanduser()
+    return export_fingerprint(path if path.suffix != ".safetensors" else path.parent)
+
+
 def input_fingerprints(workdir: Path, pipeline: str, depends_on: list[str],
-                       data_shards: str | None) -> dict[str, str]:
-    """What a stage reads, fingerprinted for the stage cache: upstream exports and its data.
+                       data_shards: str | None, *, cfg: Any = None,
+                       processes: int | None = None) -> dict[str, str]:
+    """What a stage reads, fingerprinted by content for the stage cache: upstream exports
+    (their weights' sha256), path and models:/ inputs of `cfg` (an export's sha256; the model
+    version an alias resolves to), its data (the shard index, which records the shards' content
+    hash) and the number of processes (ranks change the batches each optimizer step sees).
 
     Computed when the stage starts (a SLURM stage is submitted before its inputs exist).
     """
     inputs = {f"{STAGE_PREFIX}{ref}": export_fingerprint(export_of_stage(workdir, pipeline, ref))
               for ref in depends_on}
+    for ref in _path_inputs(cfg):
+        inputs[ref] = _fingerprint_ref(ref, Path(workdir), cfg)
     if data_shards:
         inputs["data"] = data_fingerprint(data_shards)
+    if processes is not None:
+        inputs["processes"] = str(processes)
     return inputs
