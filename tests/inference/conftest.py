@@ -1,4 +1,4 @@
-"""Shared fixtures of the inference tests: tiny sample data and one real (tiny, 2-step) detection
+"""Shared fixtures of the inference tests: tiny sample data and one real (tiny, 20-step) detection
 stage run with MLflow on, which leaves a run folder, DONE.json, an export and a registered
 version to predict, evaluate, serve and export from."""
 
@@ -16,8 +16,8 @@ TINY_DETR = ["model.num_queries=10", "model.hidden_dim=32", "model.enc_layers=1"
              "model.dec_layers=2", "model.dim_feedforward=64", "model.backbone.name=resnet10t",
              "data.train_scales=[64]", "data.eval_size=64", "data.max_size=96",
              "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=16",
-             "eval.pictures=1", "train.max_steps=2", "train.checkpoint_every=2",
-             "train.progress_bar=false", "train.log_every=1"]
+             "eval.pictures=1", "train.max_steps=20", "train.checkpoint_every=10",
+             "train.progress_bar=false", "train.log_every=5"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,27 +36,37 @@ def samples(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, samples) -> dict:
-    """A real detr_pretrain stage run: {"workdir", "run_dir", "export", "done", "tracking_uri"}."""
-    from pipeline.config import load_config
+def demo_samples(tmp_path_factory) -> Path:
+    """The demo's sample size: a val split where 20 steps already give AP > 0 (the tiny one
+    stays at 0, which would make "equal to DONE.json" a comparison of zeros)."""
+    from pipeline.data.samples import make_samples
+
+    out = tmp_path_factory.mktemp("demo_samples")
+    make_samples(out, size="small", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_samples) -> dict:
+    """A real stage run of the tiny detr_pretrain recipe through `detrforge run` (20 steps, MLflow
+    on): {"workdir", "run_dir", "export", "done", "tracking_uri", "val", "name"}."""
+    from launch.cli import main
     from pipeline.tracking import tracking_uri_for
-    from stages import detr_pretrain
-    from stages.common import StageContext
 
     workdir = tmp_path_factory.mktemp("work")
-    cfg = load_config(str(RECIPE), detr_pretrain.Config,
-                      [f"data.shards={samples}/detect", *TINY_DETR], ignore_keys=("stage",))
-    ctx = StageContext(workdir=workdir, pipeline="tiny", stage="detr")
-    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # the workdir's own store
     try:
-        result = detr_pretrain.run(cfg, ctx)
+        code = main(["run", str(RECIPE), f"data.shards={demo_samples}/detect", *TINY_DETR,
+                     "--workdir", str(workdir)])
     finally:
         if env_uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
-    assert result.status == "done"
-    return {"workdir": workdir, "run_dir": ctx.run_dir, "export": ctx.run_dir / "export",
-            "done": json.loads((ctx.run_dir / "DONE.json").read_text()),
-            "tracking_uri": tracking_uri_for(workdir), "val": samples / "detect" / "val"}
+    assert code == 0
+    (done_path,) = workdir.glob("*/*/DONE.json")
+    run_dir = done_path.parent
+    return {"workdir": workdir, "run_dir": run_dir, "export": run_dir / "export",
+            "done": json.loads(done_path.read_text()), "tracking_uri": tracking_uri_for(workdir),
+            "val": demo_samples / "detect" / "val", "name": f"{run_dir.parent.name}.{run_dir.name}"}
 
 
 def write_tiny_export(folder: Path, samples: Path, segmenter: bool = False) -> Path:
