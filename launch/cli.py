@@ -7,7 +7,6 @@ they are turned into one clear line here (no tracebacks for bad input).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -60,7 +59,8 @@ def _add_model_commands(sub) -> None:
     finetune_cli.register(sub)  # finetune
 
     reg = sub.add_parser("registry", help="the MLflow model registry of the workdir")
-    reg_sub = reg.add_subparsers(dest="registry_cmd", metavar="{list,promote}", required=True)
+    reg_sub = reg.add_subparsers(dest="registry_cmd", metavar="{list,promote,register}",
+                                 required=True)
     ls = reg_sub.add_parser("list", help="registered models, versions and aliases")
     _add_workdir(ls)
     ls.set_defaults(handler=_cmd_registry_list)
@@ -70,6 +70,11 @@ def _add_model_commands(sub) -> None:
     pr.add_argument("alias")
     _add_workdir(pr)
     pr.set_defaults(handler=_cmd_registry_promote)
+    rg = reg_sub.add_parser("register", help="register a finished stage whose registration "
+                                             "failed (DONE.json with model_version null)")
+    rg.add_argument("run_folder", help="<workdir>/<pipeline>/<stage> (the store is the "
+                                       "workdir's, or $MLFLOW_TRACKING_URI)")
+    rg.set_defaults(handler=_cmd_registry_register)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the workdir's store")
     _add_workdir(ui)
@@ -197,13 +202,27 @@ def _cmd_registry_promote(args) -> int:
     return 0
 
 
-def _cmd_ui(args) -> int:
-    from pipeline.tracking import ui_command
+def _cmd_registry_register(args) -> int:
+    from pipeline.registry import register_run_folder
+    from pipeline.tracking import tracking_uri_for
 
-    cmd = ui_command(Path(args.workdir), args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    os.execvp(cmd[0], cmd)
-    return 0  # not reached
+    run_folder = Path(args.run_folder).resolve()
+    name, version, now = register_run_folder(run_folder, tracking_uri_for(run_folder.parents[1]))
+    print(f"{name} version {version}" + ("" if now else " (already registered)"))
+    return 0
+
+
+def _cmd_ui(args) -> int:
+    from pipeline.tracking.viewer import Viewer
+
+    viewer = Viewer(Path(args.workdir), args.host, args.port)
+    try:
+        seconds = viewer.wait_ready()
+        print(f"MLflow UI ready at {viewer.url} after {seconds:.1f} s (Ctrl-C stops it)",
+              flush=True)
+        return viewer.process.wait()
+    finally:
+        viewer.stop()
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -109,8 +109,13 @@ def register_model(
     aliases: Iterable[str] = (LATEST_ALIAS,),
     tracking_uri: str | None = None,
     strict: bool = True,
+    description: str = "",
+    model_tags: Mapping[str, Any] | None = None,
 ) -> int | None:
     """Log export_dir under the run's `export/` artifacts and register it as a new version of name.
+
+    description: the version's (what it is: stage, data, main metric, config hash, parent);
+    model_tags: set on the registered model itself (pipeline, stage, kind).
 
     Returns the version number; None for a tracker that does not log (rank > 0, tracking off).
     strict=False turns a failure (server down...) into a warning and None, for callers that must
@@ -126,7 +131,8 @@ def register_model(
             raise RegistryError(f"pipeline/registry.py: no MLflow run was created at {uri}")
         with _registry_errors(f"registering {name}", uri):
             client = mlflow_client(uri)
-            return _register(client, run_id, export_dir, name, tags or {}, tuple(aliases))
+            return _register(client, run_id, export_dir, name, tags or {}, tuple(aliases),
+                             description=description, model_tags=model_tags)
     except RegistryError as err:
         if strict:
             raise
@@ -147,7 +153,8 @@ def _free_artifact_path(client, run_id: str) -> str:
 
 
 def _register(
-    client, run_id: str, export_dir: Path, name: str, tags: Mapping, aliases: tuple
+    client, run_id: str, export_dir: Path, name: str, tags: Mapping, aliases: tuple,
+    description: str = "", model_tags: Mapping[str, Any] | None = None,
 ) -> int:
     import tempfile
 
@@ -163,8 +170,11 @@ def _register(
     except Exception as err:
         if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
             raise
+    for key, value in (model_tags or {}).items():
+        client.set_registered_model_tag(name, str(key), str(value))
     str_tags = {str(k): str(v) for k, v in tags.items()}
-    version = client.create_model_version(name, source, run_id=run_id, tags=str_tags).version
+    version = client.create_model_version(name, source, run_id=run_id, tags=str_tags,
+                                          description=description or None).version
     for alias in aliases:
         if alias.lower() != LATEST_ALIAS:  # MLflow resolves `latest` itself
             client.set_registered_model_alias(name, alias, str(version))
@@ -281,7 +291,8 @@ def _export_of_version(local: Path) -> Path:
 
 
 def register_export(export_dir: str | Path, name: str, tracking_uri: str,
-                    tags: Mapping[str, Any] | None = None, experiment: str = "detrforge") -> int:
+                    tags: Mapping[str, Any] | None = None, experiment: str = "detrforge",
+                    description: str = "", model_tags: Mapping[str, Any] | None = None) -> int:
     """Register an export made outside a stage (`detrforge export --register`) under a new run
     of `experiment`, named after the model; returns the version number."""
     _check_export(Path(export_dir))
@@ -293,6 +304,91 @@ def register_export(export_dir: str | Path, name: str, tracking_uri: str,
         run = client.create_run(experiment_id, run_name=f"{name}-export",
                                 tags={"detrforge.source": "detrforge export"})
         version = _register(client, run.info.run_id, Path(export_dir), name, tags or {},
-                            (LATEST_ALIAS,))
+                            (LATEST_ALIAS,), description=description, model_tags=model_tags)
         client.set_terminated(run.info.run_id, "FINISHED")
         return version
+
+
+def register_run_folder(run_dir: str | Path, tracking_uri: str) -> tuple[str, int, bool]:
+    """Register the export of a finished stage whose registration failed (DONE.json with
+    `model_version: null`), under the stage's MLflow run when the store knows it, and record the
+    version in DONE.json (atomically). Returns (name, version, registered now)."""
+    from pipeline.run_folder import RunFolder
+    from pipeline.tracking import recorded_run_id
+
+    folder = RunFolder(run_dir)
+    done = _read_json(folder.done_path, "has not finished (no DONE.json); run it first")
+    meta = _read_json(folder.export_meta_path, "has no export; export it first")
+    pipeline = meta.get("pipeline") or folder.root.parent.name
+    name = f"{pipeline}.{meta.get('stage') or folder.root.name}"
+    if done.get("model_version"):
+        return done.get("registered_model") or name, int(done["model_version"]), False
+    tags, description, model_tags = _lineage_of(folder, meta, done)
+    run_id = done.get("mlflow_run_id") or recorded_run_id(folder.root)
+    if run_id and _run_exists(tracking_uri, run_id):
+        version = register_model(run_id, folder.export_dir, name, tags, tracking_uri=tracking_uri,
+                                 description=description, model_tags=model_tags)
+    else:
+        version = register_export(folder.export_dir, name, tracking_uri, tags,
+                                  description=description, model_tags=model_tags)
+    _write_json_atomic(folder.done_path, {**done, "registered_model": name,
+                                          "model_version": version})
+    return name, int(version), True
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"pipeline/registry.py: {path.parent} {missing}") from None
+    except ValueError as err:
+        raise RegistryError(f"pipeline/registry.py: {path} is not valid JSON ({err})") from None
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    """tmp, fsync, rename: a kill leaves the old DONE.json or the new one, never half of one."""
+    import json
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, indent=2, sort_keys=True))
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _run_exists(tracking_uri: str, run_id: str) -> bool:
+    with _registry_errors(f"looking up run {run_id}", tracking_uri):
+        try:
+            mlflow_client(tracking_uri).get_run(run_id)
+        except Exception as err:
+            if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+    return True
+
+
+def _lineage_of(folder, meta: dict, done: dict) -> tuple[dict, str, dict]:
+    """(version tags, version description, registered model tags) from the run folder."""
+    import json
+
+    from pipeline.tracking import (
+        PARENT_MODEL_TAG,
+        parent_models,
+        shard_datasets,
+        version_description,
+    )
+
+    pipeline, stage = meta.get("pipeline", ""), meta.get("stage", folder.root.name)
+    shards = (meta.get("config") or {}).get("data", {}).get("shards")
+    datasets = shard_datasets(shards) if shards and Path(shards).is_dir() else []
+    parents = parent_models(folder.root.parent.parent, pipeline, done.get("inputs"))
+    tags = {"config_hash": done.get("config_hash", ""), PARENT_MODEL_TAG: ", ".join(parents)
+            or "none", "data_fingerprint": json.dumps(done.get("inputs") or {}, sort_keys=True)}
+    description = version_description(stage, pipeline, datasets, done.get("main_metric", ""),
+                                      done.get("metrics") or {}, done.get("config_hash", ""),
+                                      parents)
+    return tags, description, {"detrforge.pipeline": pipeline, "detrforge.stage": stage}

@@ -11,6 +11,7 @@
     DONE.json              final metrics, tracker run id, registered model version
     STOP_REQUESTED         a stop request (preemption) of a running job
     logs/metrics.jsonl     every logged metric (kept also when the tracker is down)
+    logs/metrics.sent      the tracker's run id and the byte offset of metrics.jsonl it has sent
     artifacts/             what the evaluation draws (prediction pictures), logged to the tracker
 
 Other modules ask a `RunFolder` for these paths (or use the constants below for an export folder
@@ -30,6 +31,7 @@ DONE_FILE = "DONE.json"
 STOP_FILE = "STOP_REQUESTED"
 LOGS_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
+METRICS_SENT_FILE = "metrics.sent"  # {"run_id", "offset"}: what MLflow acknowledged
 ARTIFACTS_DIR = "artifacts"  # what a stage's evaluation draws (prediction pictures)
 # An export folder (inside a run folder, or downloaded from the registry).
 WEIGHTS_FILE = "model.safetensors"
@@ -90,6 +92,10 @@ class RunFolder:
     @property
     def metrics_path(self) -> Path:
         return self.logs_dir / METRICS_FILE
+
+    @property
+    def metrics_sent_path(self) -> Path:
+        return self.logs_dir / METRICS_SENT_FILE
 
     @property
     def artifacts_dir(self) -> Path:

@@ -45,7 +45,18 @@ from pipeline.engine.state import TrainState
 from pipeline.engine.strategy import Strategy, StrategyConfig, build_strategy
 from pipeline.export import write_export
 from pipeline.run_folder import RunFolder
-from pipeline.tracking import Tracker, TrackingConfig, build_tracker
+from pipeline.tracking import (
+    DESCRIPTION_TAG,
+    PARENT_MODEL_TAG,
+    Tracker,
+    TrackingConfig,
+    build_tracker,
+    parent_models,
+    recorded_run_id,
+    run_description,
+    shard_datasets,
+    version_description,
+)
 
 log = logging.getLogger("detrforge.stage")
 
@@ -167,6 +178,26 @@ def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strateg
     return callbacks
 
 
+def _final_metrics(callbacks: list[Callback], step: int) -> dict[str, float] | None:
+    """The periodic evaluation's result when it already ran at the last step (no second run)."""
+    for callback in callbacks:
+        if isinstance(callback, PeriodicEval):
+            saved = callback.state_dict()
+            return dict(saved["last"]) if saved["last_step"] == step and saved["last"] else None
+    return None
+
+
+def _with_group_lrs(step_out: tuple[torch.Tensor, dict[str, float]], strategy: Strategy):
+    """Add `lr/<group>` (one per optimiser group, decay and no-decay halves share it)."""
+    loss, metrics = step_out
+    optimizer = getattr(getattr(strategy, "engine", None), "optimizer", None) or getattr(
+        strategy, "optimizer", None)
+    for index, group in enumerate(getattr(optimizer, "param_groups", None) or []):
+        name = str(group.get("name", f"group_{index}")).removesuffix("_no_decay")
+        metrics[f"lr/{name.removesuffix('_decay')}"] = float(group["lr"])
+    return loss, metrics
+
+
 def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int) -> dict[str, float]:
     _share_rank0_buffers(strategy.module)
     strategy.eval()
@@ -222,7 +253,8 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     checkpointer.track(named)
     outcome.restore(named)
     try:
-        result = fit(lambda batch: parts.task_step(strategy, state, batch), parts.loader,
+        result = fit(lambda batch: _with_group_lrs(parts.task_step(strategy, state, batch),
+                                                   strategy), parts.loader,
                      strategy, callbacks, state, train.max_steps, save=checkpointer.save)
     except BaseException:
         tracker.finish("FAILED")  # the checkpoints stay; a rerun resumes from `latest`
@@ -231,7 +263,8 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
         tracker.flush()
         return StageResult(ctx.stage, "stopped", start=outcome.kind, run_id=tracker.run_id,
                            seconds=time.time() - started)
-    metrics = _eval_and_log(parts, strategy, tracker, state.step)
+    metrics = _final_metrics(callbacks, state.step) or _eval_and_log(parts, strategy, tracker,
+                                                                      state.step)
     stage_result = _finish(ctx, cfg, parts, strategy, tracker, metrics, outcome.kind, inputs)
     stage_result.seconds = time.time() - started
     dist.barrier()
@@ -264,10 +297,14 @@ def derived_values(env: dist.DistEnv, parts: StageParts, strategy: Strategy,
 def _start_tracker(ctx: StageContext, cfg: Any, tracking: TrackingConfig, env: dist.DistEnv,
                    run: RunFolder, state: TrainState, outcome: ResumeOutcome,
                    derived: dict[str, Any]) -> Tracker:
-    """The stage's tracker, re-attached to the run id a resumed checkpoint kept."""
+    """The stage's tracker, re-attached to the run id a resumed checkpoint kept (or, when the run
+    was created after that checkpoint, the one the run folder recorded)."""
+    resume_id = state.extra.get("tracker_run_id")
+    if outcome.kind == "resume" and not resume_id and dist.is_main():
+        resume_id = recorded_run_id(run.root)
     tracker = build_tracker(tracking, ctx.workdir, env.rank, ctx.stage,
                             parent_run_id=ctx.parent_run_id,
-                            resume_run_id=state.extra.get("tracker_run_id"), run_folder=run.root,
+                            resume_run_id=resume_id, run_folder=run.root,
                             tags={"detrforge.pipeline": ctx.pipeline, "detrforge.stage": ctx.stage,
                                   "detrforge.config_hash": config_hash(cfg)})
     if dist.is_main():
@@ -275,7 +312,27 @@ def _start_tracker(ctx: StageContext, cfg: Any, tracking: TrackingConfig, env: d
         if outcome.kind != "resume":
             tracker.log_params({**to_dict(cfg), "derived": derived})
             tracker.log_artifact(run.config_path)
+            _log_lineage(ctx, cfg, tracker, derived.get("inputs"), outcome.kind)
     return tracker
+
+
+def _stage_data(cfg: Any) -> list:
+    shards = getattr(getattr(cfg, "data", None), "shards", None)
+    return shard_datasets(shards) if shards else []
+
+
+def _log_lineage(ctx: StageContext, cfg: Any, tracker: Tracker, inputs: dict | None,
+                 start: str) -> None:
+    """Datasets read, parent versions and a one-sentence description of the run."""
+    datasets, parents = _stage_data(cfg), parent_models(ctx.workdir, ctx.pipeline, inputs)
+    tracker.log_datasets(datasets)
+    kind = type(cfg).__module__.rsplit(".", 1)[-1]
+    max_steps = getattr(getattr(cfg, "train", None), "max_steps", 0)
+    tags = {DESCRIPTION_TAG: run_description(ctx.stage, kind, ctx.pipeline, max_steps,
+                                             datasets, parents, start)}
+    if parents:
+        tags[PARENT_MODEL_TAG] = ", ".join(parents)
+    tracker.set_tags(tags)
 
 
 def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, tracker,
@@ -297,7 +354,8 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
     result.export_dir = str(export_dir)
     if run.artifacts_dir.is_dir():  # prediction pictures of the evaluation
         tracker.log_artifacts(run.artifacts_dir, run.artifacts_dir.name)
-    result.model_version = _register(ctx, cfg, tracker, export_dir, inputs)
+    result.model_version = _register(ctx, cfg, tracker, export_dir, inputs, metrics,
+                                     parts.main_metric)
     tracker.finish("FINISHED")
     _write_done(ctx.run_dir, {
         "stage": ctx.stage, "config_hash": config_hash(cfg), "inputs": inputs or {},
@@ -308,12 +366,21 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
     return result
 
 
-def _register(ctx: StageContext, cfg: Any, tracker, export_dir: Path, inputs: dict | None):
+def _register(ctx: StageContext, cfg: Any, tracker, export_dir: Path, inputs: dict | None,
+              metrics: dict[str, float], main_metric: str):
     from pipeline.registry import register_model
 
+    parents = parent_models(ctx.workdir, ctx.pipeline, inputs)
     tags = {"config_hash": config_hash(cfg), "git_commit": git_commit(),
-            "data_fingerprint": json.dumps(inputs or {}, sort_keys=True)[:500]}
-    return register_model(tracker, export_dir, ctx.model_name, tags=tags, strict=False)
+            "data_fingerprint": json.dumps(inputs or {}, sort_keys=True)[:500],
+            PARENT_MODEL_TAG: ", ".join(parents) or "none"}
+    description = version_description(ctx.stage, ctx.pipeline, _stage_data(cfg), main_metric,
+                                      metrics, config_hash(cfg), parents)
+    return register_model(tracker, export_dir, ctx.model_name, tags=tags, strict=False,
+                          description=description,
+                          model_tags={"detrforge.pipeline": ctx.pipeline,
+                                      "detrforge.stage": ctx.stage,
+                                      "detrforge.kind": type(cfg).__module__.rsplit(".", 1)[-1]})
 
 
 def git_commit() -> str:

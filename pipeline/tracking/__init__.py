@@ -8,7 +8,8 @@ batches with a short HTTP timeout; when the server is down it warns, keeps the n
 This package is the library's only code that imports mlflow, lazily through `import_mlflow`
 (`pipeline/registry.py` reaches MLflow through it too). Its modules: `base` (config, the
 `Tracker` interface, store locations, the metrics file), `sender` (the background sender and
-its state machine), `mlflow_tracker` (the MLflow tracker and the builders).
+its state machine), `mlflow_tracker` (the MLflow tracker and the builders), `replay` (the
+replay offset of metrics.jsonl), `lineage` (dataset inputs, parent versions, descriptions).
 
     parent = start_parent_run(cfg, workdir, rank, "demo")  # once per pipeline invocation
     tracker = build_tracker(cfg, workdir, rank, "detr_pretrain", parent_run_id=parent.run_id,
@@ -18,8 +19,10 @@ its state machine), `mlflow_tracker` (the MLflow tracker and the builders).
 """
 
 from pipeline.tracking.base import (
+    DESCRIPTION_TAG,
     PARENT_RUN_TAG,
     RUN_STATUSES,
+    UI_ENV,
     MetricsFileTracker,
     NullTracker,
     Tracker,
@@ -34,12 +37,27 @@ from pipeline.tracking.base import (
     tracking_uri_for,
     ui_command,
 )
-from pipeline.tracking.mlflow_tracker import MlflowTracker, build_tracker, start_parent_run
+from pipeline.tracking.lineage import (
+    PARENT_MODEL_TAG,
+    DatasetRecord,
+    parent_models,
+    run_description,
+    shard_datasets,
+    version_description,
+)
+from pipeline.tracking.mlflow_tracker import (
+    MlflowTracker,
+    build_tracker,
+    recorded_run_id,
+    start_parent_run,
+)
 from pipeline.tracking.sender import is_transient
 
 _is_transient = is_transient  # the name tests and older callers import
 
 __all__ = [
+    "DESCRIPTION_TAG", "PARENT_MODEL_TAG", "UI_ENV", "DatasetRecord", "parent_models",
+    "recorded_run_id", "run_description", "shard_datasets", "version_description",
     "PARENT_RUN_TAG", "RUN_STATUSES", "MetricsFileTracker", "MlflowTracker", "NullTracker",
     "Tracker", "TrackingConfig", "TrackingError", "artifact_root_for", "build_tracker",
     "embedded_tracking_uri", "experiment_artifact_location", "flatten_params", "import_mlflow",

@@ -27,6 +27,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_RUN_TAG = "mlflow.parentRunId"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as a run's description
+# MLflow 3's UI opens an experiment in its GenAI or its model-training view from this tag
+# (values from the UI: "genai_development", "custom_model_development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+# COCO's "no ground truth of that kind" value (APl with no large object): not a measurement.
+SENTINEL_VALUE = -1.0
+SENTINEL_PREFIXES = ("eval/",)
 # Limits from mlflow.utils.validation (MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, ...).
 MAX_PARAM_VALUE_CHARS = 6000
 MAX_TAG_VALUE_CHARS = 8000
@@ -57,6 +65,8 @@ class TrackingConfig:
     max_queued_metrics: int = 100_000  # beyond it the oldest unsent are dropped (jsonl keeps all)
     start_timeout_s: float = 30.0  # build_tracker's wait for a new run (a new SQLite store: ~6 s)
     finish_timeout_s: float = 30.0  # how long finish() waits for the queue to drain
+    system_metrics: bool = False  # MLflow's CPU, memory (and GPU) metrics of the stage process
+    system_metrics_interval_s: float = 10.0  # seconds between system metric samples
 
     def __post_init__(self) -> None:
         if not self.experiment:
@@ -68,6 +78,8 @@ class TrackingConfig:
         for name in ("retry_interval_s", "max_retry_interval_s", "start_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrackingConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.system_metrics_interval_s <= 0:
+            raise ValueError("TrackingConfig.system_metrics_interval_s must be > 0")
         if self.finish_timeout_s < 0 or self.max_queued_metrics < 1:
             raise ValueError(
                 "TrackingConfig: finish_timeout_s must be >= 0, max_queued_metrics >= 1"
@@ -104,13 +116,21 @@ def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | No
     return (db_path.parent / "mlartifacts" / folder).as_uri()
 
 
+# A local viewer needs neither MLflow's background job runner (huey consumers for GenAI
+# evaluation jobs) nor its periodic tasks: without them it starts in seconds, in one process.
+UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+          "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false",
+          "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def ui_command(workdir: str | Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """`mlflow ui` over the workdir's embedded store (argv for subprocess)."""
+    """`mlflow server` over the workdir's embedded store, one worker (argv for subprocess; run
+    it with `UI_ENV` in its environment)."""
     return [
-        sys.executable, "-m", "mlflow", "ui",
+        sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", embedded_tracking_uri(workdir),
         "--artifacts-destination", artifact_root_for(workdir).as_uri(),
-        "--host", host, "--port", str(int(port)),
+        "--host", host, "--port", str(int(port)), "--workers", "1",
     ]  # fmt: skip
 
 
@@ -176,6 +196,14 @@ def clip(value: str, limit: int, key: str) -> str:
     return value[: limit - len(suffix)] + suffix
 
 
+def without_sentinels(metrics: Mapping[str, float]) -> dict[str, float]:
+    """metrics less the evaluation values that are COCO's -1 sentinel, not measurements."""
+    return {
+        k: v for k, v in metrics.items()
+        if not (v == SENTINEL_VALUE and str(k).startswith(SENTINEL_PREFIXES))
+    }  # fmt: skip
+
+
 def _json_number(value: float) -> float | str:
     """Strict JSON has no NaN/Infinity; write them as the strings float() reads back."""
     return value if math.isfinite(value) else str(value)
@@ -194,6 +222,9 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalar metrics at a global step. Returns at once; never raises on network errors."""
+
+    def log_datasets(self, datasets: list) -> None:
+        """Record the data sets the run read (`lineage.DatasetRecord`s) as MLflow inputs."""
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file (in the background)."""
@@ -229,7 +260,8 @@ class NullTracker(Tracker):
 class MetricsFileTracker(NullTracker):
     """Appends metrics to a JSON-lines file, one line per call: {"step", "time", "metrics"}.
 
-    Rank 0 with tracking disabled; also the first stop of every `MlflowTracker` call.
+    Rank 0 with tracking disabled; also the first stop of every `MlflowTracker` call. Sentinel
+    values (`without_sentinels`) are left out.
     """
 
     def __init__(self, metrics_path: str | Path):
@@ -237,15 +269,20 @@ class MetricsFileTracker(NullTracker):
         self._file = None
         self._lock = threading.Lock()
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        values = {str(k): _json_number(scalar(k, v)) for k, v in metrics.items()}
-        line = json.dumps({"step": int(step), "time": time.time(), "metrics": values})
+    def log_metrics(self, metrics: Mapping[str, float], step: int,
+                    time_s: float | None = None) -> int:
+        """Append one line; returns the file's byte offset after it (the replay offset)."""
+        values = {str(k): scalar(k, v) for k, v in metrics.items()}
+        values = {k: _json_number(v) for k, v in without_sentinels(values).items()}
+        stamp = time.time() if time_s is None else time_s
+        line = json.dumps({"step": int(step), "time": stamp, "metrics": values}) + "\n"
         with self._lock:
             if self._file is None:
                 self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.metrics_path.open("a", encoding="utf-8")
-            self._file.write(line + "\n")
+                self._file = self.metrics_path.open("ab")
+            self._file.write(line.encode("utf-8"))
             self._file.flush()  # a crash or a SIGKILL right after must not lose the line
+            return self._file.tell()
 
     def finish(self, status: str = "FINISHED") -> None:
         super().finish(status)

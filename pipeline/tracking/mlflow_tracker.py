@@ -10,9 +10,11 @@ from typing import Any
 
 from pipeline.run_folder import RunFolder
 from pipeline.tracking.base import (
+    EXPERIMENT_KIND_TAG,
     MAX_PARAM_VALUE_CHARS,
     MAX_TAG_VALUE_CHARS,
     PARENT_RUN_TAG,
+    TRAINING_EXPERIMENT_KIND,
     MetricsFileTracker,
     NullTracker,
     Tracker,
@@ -24,7 +26,10 @@ from pipeline.tracking.base import (
     log,
     scalar,
     tracking_uri_for,
+    without_sentinels,
 )
+from pipeline.tracking.lineage import DatasetRecord
+from pipeline.tracking.replay import SentLog, file_size, unsent_lines
 from pipeline.tracking.sender import Op, RunSender
 
 
@@ -32,7 +37,9 @@ class MlflowTracker(Tracker):
     """Rank 0's tracker: metrics.jsonl first, then MLflow through a `RunSender` thread.
 
     resume_run_id re-attaches to that run (same run id, metrics continue at their steps); a run
-    id the store does not know starts a new run with a warning.
+    id the store does not know starts a new run with a warning. With sent_path (the run folder's
+    `logs/metrics.sent`), the run id is recorded there once the run exists, and a re-attach first
+    replays the lines of metrics.jsonl that MLflow had not acknowledged.
     """
 
     def __init__(
@@ -44,13 +51,35 @@ class MlflowTracker(Tracker):
         resume_run_id: str | None = None,
         metrics_path: str | Path | None = None,
         tags: Mapping[str, Any] | None = None,
+        sent_path: str | Path | None = None,
     ):
         self.tracking_uri, self.cfg, self._run_name = tracking_uri, cfg, run_name
         self._parent_run_id, self._resume_run_id = parent_run_id, resume_run_id
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
-        self._metrics_file = MetricsFileTracker(metrics_path) if metrics_path else NullTracker()
-        self._finished = False
-        self._sender = RunSender(tracking_uri, cfg, self._open_run, run_id=resume_run_id)
+        self._metrics_file = MetricsFileTracker(metrics_path) if metrics_path else None
+        self._finished, self._monitor = False, None
+        sent_log = SentLog(sent_path) if sent_path and metrics_path else None
+        replay_from = None
+        if sent_log is not None and resume_run_id:
+            replay_from = sent_log.read().offset  # a re-attach: send what MLflow lacks
+        start = replay_from if replay_from is not None else file_size(metrics_path or "")
+        self._sender = RunSender(tracking_uri, cfg, self._open_run, run_id=resume_run_id,
+                                 sent_log=sent_log, sent_offset=start)
+        if replay_from is not None:
+            self.replayed = self._replay(Path(metrics_path), replay_from)
+
+    replayed = 0  # metrics.jsonl lines queued again at start (a re-attach after an outage)
+
+    def _replay(self, metrics_path: Path, offset: int) -> int:
+        count = 0
+        for line in unsent_lines(metrics_path, offset):
+            items = [(clean_key(k), v, line.time_ms, line.step) for k, v in line.metrics.items()]
+            self._sender.push(Op("metrics", items, offset=line.end_offset))
+            count += 1
+        if count:
+            log.warning("tracking: sending %d lines of %s that MLflow had not received",
+                        count, metrics_path)
+        return count
 
     @property
     def run_id(self) -> str | None:
@@ -81,12 +110,29 @@ class MlflowTracker(Tracker):
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
+                self._start_system_metrics(run.info.run_id, resume=True)
                 return run.info.run_id
         tags = dict(self._tags)
         if self._parent_run_id:
             tags[PARENT_RUN_TAG] = self._parent_run_id
         run = client.create_run(self._experiment_id(client), run_name=self._run_name, tags=tags)
+        self._start_system_metrics(run.info.run_id, resume=False)
         return run.info.run_id
+
+    def _start_system_metrics(self, run_id: str, resume: bool) -> None:
+        """MLflow's system metrics monitor (its own thread) when the config asks for it."""
+        if not self.cfg.system_metrics or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                resume_logging=resume, tracking_uri=self.tracking_uri)
+            self._monitor.start()
+        except Exception as err:  # noqa: BLE001 - psutil missing, no permission: still train
+            log.warning("tracking: system metrics are off (%s)", err)
+            self._monitor = None
 
     def _experiment_id(self, client) -> str:
         name = self.cfg.experiment
@@ -99,13 +145,18 @@ class MlflowTracker(Tracker):
         if experiment is None:
             try:
                 location = experiment_artifact_location(self.tracking_uri, name)
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(
+                    name, artifact_location=location,
+                    tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
             except Exception as err:  # another stage created it between our two calls
                 if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):  # made before detrforge set it
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -114,10 +165,19 @@ class MlflowTracker(Tracker):
         self._sender.push(Op("params", items))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        values = {clean_key(k): scalar(k, v) for k, v in metrics.items()}
-        self._metrics_file.log_metrics(values, step)
-        now_ms = int(time.time() * 1000)
-        self._sender.push(Op("metrics", [(k, v, now_ms, int(step)) for k, v in values.items()]))
+        values = without_sentinels({clean_key(k): scalar(k, v) for k, v in metrics.items()})
+        now = time.time()
+        # The line and MLflow get the same timestamp: a replayed line is then the same metric.
+        offset = None
+        if self._metrics_file is not None:
+            offset = self._metrics_file.log_metrics(values, step, time_s=now)
+        now_ms = int(now * 1000)
+        items = [(k, v, now_ms, int(step)) for k, v in values.items()]
+        self._sender.push(Op("metrics", items, offset=offset))
+
+    def log_datasets(self, datasets: list[DatasetRecord]) -> None:
+        if datasets:
+            self._sender.push(Op("inputs", list(datasets)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._push_artifact("artifact", Path(path), artifact_path, Path.is_file)
@@ -144,13 +204,16 @@ class MlflowTracker(Tracker):
         if self._finished:
             return
         self._finished = True
+        if self._monitor is not None:
+            self._monitor.finish()
         self._sender.push(Op("terminate", status))
         if not self._sender.close(self.cfg.finish_timeout_s):
             log.warning(
                 "tracking: MLflow still unreachable after %.0f s; %d metrics were not sent "
                 "(all are in logs/metrics.jsonl)", self.cfg.finish_timeout_s, self._sender.queued_metrics,
             )  # fmt: skip
-        self._metrics_file.finish(status)
+        if self._metrics_file is not None:
+            self._metrics_file.finish(status)
 
 
 def build_tracker(
@@ -167,21 +230,29 @@ def build_tracker(
 
     run_folder: metrics also go to `<run_folder>/logs/metrics.jsonl` (rank 0, tracking on or off).
     parent_run_id: the pipeline's run (see `start_parent_run`); the new run is its child.
-    resume_run_id: the run id saved in the checkpoint being resumed.
+    resume_run_id: the run id of the run being resumed (its checkpoint's, else
+        `recorded_run_id(run_folder)`); re-attaching also replays what MLflow lacks.
     """
     if rank != 0:
         return NullTracker()
-    metrics_path = RunFolder(run_folder).metrics_path if run_folder is not None else None
+    folder = RunFolder(run_folder) if run_folder is not None else None
+    metrics_path = folder.metrics_path if folder is not None else None
     if not cfg.enabled:
         return MetricsFileTracker(metrics_path) if metrics_path is not None else NullTracker()
     uri = tracking_uri_for(workdir, cfg)
-    tracker = MlflowTracker(uri, cfg, run_name, parent_run_id, resume_run_id, metrics_path, tags)
+    tracker = MlflowTracker(uri, cfg, run_name, parent_run_id, resume_run_id, metrics_path, tags,
+                            sent_path=folder.metrics_sent_path if folder is not None else None)
     # A new run's id is needed at once (checkpoints, child runs); a dead server must not hang us.
     if tracker.run_id is None and not tracker.wait_until_started(cfg.start_timeout_s):
         log.warning(
             "tracking: no MLflow run after %.0f s; training starts anyway", cfg.start_timeout_s
         )
     return tracker
+
+
+def recorded_run_id(run_folder: str | Path) -> str | None:
+    """The MLflow run id the run folder recorded when its run was created (None: never was)."""
+    return SentLog(RunFolder(run_folder).metrics_sent_path).read().run_id
 
 
 def start_parent_run(

@@ -13,6 +13,11 @@ The sender's state is two small enums instead of a handful of flags::
                                               or flush() cuts it short--> IDLE
 
 plus whether the server answered the last attempt (so "down" and "back" are logged once).
+
+With a `SentLog`, the run id is written to the run folder as soon as the run exists, and each
+acknowledged metrics batch moves the replay offset of `logs/metrics.jsonl` forward (see
+`replay.py`); after the queue overflowed the offset stays where it was, so the next start
+resends the lines the queue lost.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pipeline.tracking.base import (
     log,
     mlflow_client,
 )
+from pipeline.tracking.lineage import dataset_inputs
+from pipeline.tracking.replay import SentLog, SentState
 
 
 class Lifecycle(enum.Enum):
@@ -67,8 +74,9 @@ def is_transient(err: BaseException) -> bool:
 class Op:
     """One queued operation."""
 
-    kind: str  # open | metrics | params | tags | artifact | artifacts | terminate
+    kind: str  # open | metrics | params | tags | inputs | artifact | artifacts | terminate
     payload: Any = None
+    offset: int | None = None  # metrics: byte offset in metrics.jsonl after their line
 
 
 class RunSender:
@@ -78,9 +86,11 @@ class RunSender:
     """
 
     def __init__(self, tracking_uri: str, cfg: TrackingConfig,
-                 open_run: Callable[[Any], str], run_id: str | None):
+                 open_run: Callable[[Any], str], run_id: str | None,
+                 sent_log: SentLog | None = None, sent_offset: int = 0):
         self.tracking_uri, self.cfg, self._open_run = tracking_uri, cfg, open_run
         self.run_id, self.dropped_metrics = run_id, 0
+        self._sent_log, self._sent_offset = sent_log, sent_offset
         self._client = None
         self._ops: collections.deque[Op] = collections.deque([Op("open")])
         self._queued_metrics = 0
@@ -165,6 +175,8 @@ class RunSender:
 
     def _settle(self, batch: list[Op], outcome: str) -> None:
         """After an attempt (lock held): a batch to retry goes back to the head of the queue."""
+        if outcome != "retry":
+            self._record_sent(batch)
         if outcome == "retry":
             self._ops.extendleft(reversed(batch))
             self._queued_metrics += sum(len(op.payload) for op in batch if op.kind == "metrics")
@@ -172,6 +184,21 @@ class RunSender:
         else:
             self.activity = Activity.IDLE
         self._cond.notify_all()
+
+    def _record_sent(self, batch: list[Op]) -> None:
+        """Move the replay offset past the batch's lines (while no queued line was dropped)."""
+        offsets = [op.offset for op in batch if op.offset is not None]
+        if offsets and not self.dropped_metrics:
+            self._sent_offset = max([self._sent_offset, *offsets])
+            self._write_sent()
+
+    def _write_sent(self) -> None:
+        if self._sent_log is None or self.run_id is None:
+            return
+        try:
+            self._sent_log.write(SentState(self.run_id, self._sent_offset))
+        except OSError as err:  # the run folder's disk: worth a warning, not a stop
+            log.warning("tracking: cannot write %s (%s)", self._sent_log.path, err)
 
     def _back_off(self, delay: float) -> None:
         """Wait before a retry (lock held); while stopping the wait is the short one."""
@@ -241,11 +268,14 @@ class RunSender:
             if self._client is None:
                 self._client = mlflow_client(self.tracking_uri, self.cfg)
             self.run_id = self._open_run(self._client)
+            self._write_sent()  # recorded before anyone is told the run exists
             self.opened.set()
         elif kind == "metrics":
             metrics = [entities.Metric(*m) for op in batch for m in op.payload]
             for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
                 self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+        elif kind == "inputs":
+            self._client.log_inputs(self.run_id, datasets=dataset_inputs(entities, payload))
         elif kind in ("params", "tags"):
             make = entities.Param if kind == "params" else entities.RunTag
             for chunk in _chunks([make(k, v) for k, v in payload], MAX_PARAMS_OR_TAGS_PER_BATCH):

@@ -116,7 +116,8 @@ def test_tracking_uri_precedence_config_then_env_then_workdir(tmp_path, monkeypa
 
 def test_ui_command_serves_the_workdir_store(tmp_path):
     argv = ui_command(tmp_path / "runs", host="0.0.0.0", port=5123)
-    assert argv[:4] == [sys.executable, "-m", "mlflow", "ui"]
+    assert argv[:4] == [sys.executable, "-m", "mlflow", "server"]
+    assert argv[argv.index("--workers") + 1] == "1"  # a local viewer, not a team server
     assert argv[argv.index("--backend-store-uri") + 1] == embedded_tracking_uri(tmp_path / "runs")
     assert argv[argv.index("--backend-store-uri") + 1].endswith("/runs/mlflow.db")
     assert (
