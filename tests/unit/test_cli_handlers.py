@@ -21,8 +21,9 @@ CONFIGS = ROOT / "configs"
 DEMO = CONFIGS / "pipelines" / "demo.yaml"
 TINY_DETR = CONFIGS / "stages" / "detr_pretrain" / "tiny.yaml"
 # Verbs tested elsewhere: the model verbs by their own module's tests; `demo` trains for minutes
-# (its runner is the `run` below, the integration test runs a pipeline end to end).
-TESTED_ELSEWHERE = {"eval", "export", "predict", "demo"}
+# (its runner is the `run` below, the integration test runs a pipeline end to end); `finetune`
+# trains, so tests/integration/test_finetune.py runs its handler.
+TESTED_ELSEWHERE = {"eval", "export", "predict", "demo", "finetune"}
 
 
 def leaf_commands(parser=None, prefix=()) -> list[tuple[str, ...]]:
