@@ -137,7 +137,7 @@ def write_mapped_export(source_export: str | Path, categories: list[dict], out_d
     """Write the pretrained detector export with its class head mapped to ``categories`` (the new
     data set's, in label order) into out_dir; an out_dir that already holds it is reused.
     Returns (out_dir, mapping)."""
-    from pipeline.models.detr import DetectorConfig, build_detector
+    from pipeline.models import DetectorConfig, build_detector
 
     source_export, out_dir = Path(source_export), Path(out_dir)
     meta = json.loads((source_export / META_FILE).read_text())

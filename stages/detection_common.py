@@ -19,7 +19,7 @@ from pipeline.data.shards import load_shard_info
 from pipeline.eval.detection import DetectionEvalConfig, coco_evaluate
 from pipeline.losses.denoising import build_dino_criterion
 from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
-from pipeline.models.detr import DetectorConfig, build_detector
+from pipeline.models import DetectorConfig, build_detector
 from stages.common import StageContext, StageParts
 from stages.inputs import data_fingerprint
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.export import META_FILE, WEIGHTS_FILE, ExportError, load_export
-from pipeline.models.detr import DetectorConfig, build_detector
+from pipeline.models import DetectorConfig, build_detector
 from pipeline.models.mask_head import SegmenterConfig, build_segmenter
 from pipeline.run_folder import RunFolder
 

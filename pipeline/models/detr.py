@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.backbone import Backbone, BackboneConfig, build_backbone
+from pipeline.models.backbone import Backbone, BackboneConfig
 from pipeline.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from pipeline.models.denoising import DenoisingConfig
 from pipeline.models.position import PositionEmbeddingSine, mask_to_feature
@@ -271,15 +271,3 @@ class DETR(DetectorBase):
         pos = self.position(mask).to(feature.dtype)
         hidden = self.transformer(self.input_proj(feature), mask, self.query_embed.weight, pos)
         return collect_outputs(self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), self.cfg.aux_loss)
-
-
-def build_detector(cfg: DetectorConfig, backbone: Backbone | None = None) -> DeformableDETR | DETR:
-    """Detector for ``cfg``; ``backbone`` defaults to ``build_backbone(cfg.backbone)``."""
-    backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
-    if cfg.kind == "dino":
-        from pipeline.models.dino import DINO  # dino.py extends DeformableDETR defined here
-
-        return DINO(cfg, backbone)
-    if cfg.kind == "deformable":
-        return DeformableDETR(cfg, backbone)
-    return DETR(cfg, backbone)

@@ -77,8 +77,8 @@ def write_tiny_export(folder: Path, samples: Path, segmenter: bool = False) -> P
 
     from pipeline.data.shards import load_shard_info
     from pipeline.export import write_export
+    from pipeline.models import DetectorConfig, build_detector
     from pipeline.models.backbone import BackboneConfig
-    from pipeline.models.detr import DetectorConfig, build_detector
     from pipeline.models.mask_head import SegmenterConfig, build_segmenter
 
     categories = load_shard_info(samples / "detect" / "val").categories

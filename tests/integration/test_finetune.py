@@ -57,8 +57,8 @@ def write_pretrained(folder: Path) -> Path:
     import torch
 
     from pipeline.export import write_export
+    from pipeline.models import DetectorConfig, build_detector
     from pipeline.models.backbone import BackboneConfig
-    from pipeline.models.detr import DetectorConfig, build_detector
 
     torch.manual_seed(0)
     detector = DetectorConfig(num_classes=3, num_queries=10, hidden_dim=32, enc_layers=1,

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.samples import make_samples
 from pipeline.export import write_export
-from pipeline.models.detr import build_detector
+from pipeline.models import build_detector
 from stages import segment_finetune
 from stages.common import StageContext
 

@@ -6,8 +6,8 @@ from torch import nn
 
 from pipeline.engine.ema import EmaConfig, ModelEma
 from pipeline.engine.optim import OptimizerConfig, build_optimizer, build_param_groups
+from pipeline.models import DetectorConfig, build_detector
 from pipeline.models.backbone import BackboneConfig
-from pipeline.models.detr import DetectorConfig, build_detector
 
 
 class TinyDetector(nn.Module):

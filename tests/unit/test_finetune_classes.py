@@ -87,7 +87,7 @@ def _tiny(kind: str, num_classes: int):
 
 @pytest.mark.parametrize("kind", ["deformable", "dino", "detr"])
 def test_class_keys_are_exactly_the_tensors_that_follow_the_class_count(kind):
-    from pipeline.models.detr import build_detector
+    from pipeline.models import build_detector
 
     small = build_detector(_tiny(kind, 3)).state_dict()
     large = build_detector(_tiny(kind, 5)).state_dict()
@@ -97,7 +97,7 @@ def test_class_keys_are_exactly_the_tensors_that_follow_the_class_count(kind):
 
 def test_mapped_export_keeps_the_rows_and_reuses_itself(tmp_path):
     from pipeline.export import load_export, write_export
-    from pipeline.models.detr import build_detector
+    from pipeline.models import build_detector
 
     cfg = _tiny("deformable", 2)
     model = build_detector(cfg)
