@@ -285,9 +285,9 @@ def test_stages_are_tracked_in_the_database_backed_server(submitted, cluster_mlf
     _, workdir, jobs = submitted["full"]
     for name in jobs:
         done = json.loads((workdir / "tinypipe" / name / "DONE.json").read_text())
-        run = client.get_run(done["run_id"])
+        run = client.get_run(done["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.metrics, name
-        steps = {m.step for m in client.get_metric_history(done["run_id"], "train/loss")}
+        steps = {m.step for m in client.get_metric_history(done["mlflow_run_id"], "train/loss")}
         assert steps, name
     versions = client.search_model_versions("name='tinypipe.backbone'")
     assert [v.version for v in versions] == ["1"]
