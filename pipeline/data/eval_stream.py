@@ -18,16 +18,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from pipeline.data.shards import ShardInfo
-from pipeline.data.stream import (
-    Collate,
-    Decoder,
-    ErrorCounter,
-    LoaderBase,
-    NumpyTransfer,
-    TrainLoader,
-    decode_counting,
-    make_data_loader,
-)
+from pipeline.data.stream import Collate, Decoder, LoaderBase, TrainLoader, decode_counting
+from pipeline.data.workers import ErrorCounter, NumpyTransfer, make_data_loader
 
 
 class EvalStream(IterableDataset):

@@ -30,20 +30,19 @@ Evaluation reads each sample exactly once: see :mod:`pipeline.data.eval_stream`.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from pipeline.data.categories import CategoryMap
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.shards import ShardInfo
+from pipeline.data.workers import ErrorCounter, NumpyTransfer, make_data_loader, pin_images
 
 # decode(raw sample {"__key__", "jpg", ...}, rng or None, annotation-level drop counter) -> item
 Decoder = Callable[[dict, "random.Random | None", Counter], object]
@@ -66,55 +65,6 @@ def partition_shards(
     """The shards stream ``stream`` of rank ``rank`` draws from (see the module docstring)."""
     part = list(shards[rank::world_size]) if len(shards) >= world_size else list(shards)
     return part[stream::num_streams] if len(part) >= num_streams else part
-
-
-class NumpyTransfer:
-    """Batches cross the worker -> trainer queue as numpy arrays, not torch tensors.
-
-    torch moves every tensor through its own shared-memory segment, which costs more than
-    the decoding itself for small images with a handful of small target tensors each; pickled
-    numpy arrays are one copy. ``torch.from_numpy`` on the other side copies nothing.
-    """
-
-    @staticmethod
-    def pack(obj):
-        if isinstance(obj, torch.Tensor):
-            return NumpyTransfer(obj.numpy())
-        if isinstance(obj, dict):
-            return {k: NumpyTransfer.pack(v) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return type(obj)(NumpyTransfer.pack(v) for v in obj)
-        return obj
-
-    @staticmethod
-    def unpack(obj):
-        if isinstance(obj, NumpyTransfer):
-            return torch.from_numpy(obj.array)
-        if isinstance(obj, dict):
-            return {k: NumpyTransfer.unpack(v) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return type(obj)(NumpyTransfer.unpack(v) for v in obj)
-        return obj
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-
-class ErrorCounter:
-    """A webdataset exception handler that counts errors instead of raising."""
-
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-
-    def __call__(self, exn: Exception) -> bool:
-        # tarfile errors: a truncated or corrupt shard; the samples read before it are kept.
-        tar_error = type(exn).__module__ == "tarfile"
-        self.counts["corrupt_tar" if tar_error else f"read_error:{type(exn).__name__}"] += 1
-        return True  # go on with the next file or shard
-
-    def drain(self) -> Counter:
-        counts, self.counts = self.counts, Counter()
-        return counts
 
 
 @dataclass(frozen=True)
@@ -262,41 +212,6 @@ class LoaderBase:
     def category_map(self) -> CategoryMap:
         """COCO category id <-> contiguous label (evaluation maps predictions back with it)."""
         return CategoryMap(self.info.categories)
-
-
-def _worker_init(_worker_id: int) -> None:
-    """One torch thread per loader worker: workers are processes already, and a worker's torch
-    ops are small; more threads per worker only oversubscribe the cores the trainer needs."""
-    torch.set_num_threads(1)
-
-
-def pin_images(batch):
-    """``batch["images"]`` in page-locked memory when CUDA is present, so that the copy to the
-    GPU (``.to(device, non_blocking=True)``) overlaps compute; unchanged otherwise."""
-    if torch.cuda.is_available() and isinstance(batch, dict) and "images" in batch:
-        return dict(batch, images=batch["images"].pin_memory())
-    return batch
-
-
-def make_data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    """A DataLoader over an iterable of ready batches, with forked workers where possible.
-
-    Workers start afresh every epoch (the epoch is part of what they compute). Forking makes
-    that cheap; processes started by ``multiprocessing.spawn`` would otherwise spawn their
-    workers too, re-importing torch each epoch (seconds per epoch).
-    """
-    if num_workers == 0:
-        return DataLoader(dataset, batch_size=None)
-    methods = mp.get_all_start_methods()
-    context = mp.get_context("fork") if "fork" in methods else None
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        prefetch_factor=2,
-        multiprocessing_context=context,
-        worker_init_fn=_worker_init,
-    )
 
 
 class TrainLoader(LoaderBase):
