@@ -276,6 +276,11 @@ def _finished_stage(tmp_path: Path) -> tuple[Path, Path]:
     assert spec.cfg.data.shards == str(tmp_path / "data" / "classify")
     run_dir = pipeline.run_dir(workdir, "backbone")
     run_dir.mkdir(parents=True)
+    import torch
+
+    from pipeline.export import write_export
+
+    write_export(run_dir / "export", {"w": torch.zeros(1)}, {})  # a done stage has its export
     (run_dir / "DONE.json").write_text(json.dumps(
         {"config_hash": spec.config_hash, "inputs": stage_inputs(pipeline, spec, workdir)}))
     return pipe, workdir
