@@ -1,4 +1,4 @@
-"""The DeepSpeed config dict, derived from a stage's settings (never written by hand).
+"""The strategy's config and the DeepSpeed config dict derived from it (never written by hand).
 
 Batch sizes and clipping come from StrategyConfig and the stage's micro-batch size; the lr lives
 in the client optimizer and its schedule, so nothing is written twice.
@@ -6,14 +6,47 @@ in the client optimizer and its schedule, so nothing is written twice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # strategy.py imports this module
-    from pipeline.engine.strategy import StrategyConfig
+__all__ = ["DEFAULT_BUCKET_ELEMENTS", "DEFAULT_PREFETCH_ELEMENTS", "KINDS", "PRECISIONS",
+           "StrategyConfig", "deepspeed_config"]
 
-__all__ = ["DEFAULT_BUCKET_ELEMENTS", "DEFAULT_PREFETCH_ELEMENTS", "deepspeed_config"]
+KINDS = ("deepspeed", "single")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class StrategyConfig:
+    """How to distribute and run the optimisation."""
+
+    kind: str = "deepspeed"  # "deepspeed" (ZeRO, any world size) | "single" (one process, debug)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (0 = plain data parallel); ignored by "single"
+    precision: str = "auto"  # "auto" (bf16 on a bf16-capable GPU, else fp32) | "fp32" | "bf16"
+    grad_clip: float = 0.1  # max global gradient norm; 0 disables clipping
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    offload_optimizer: bool = False  # ZeRO >= 1: keep optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO 3: keep parameters in CPU memory
+
+    def __post_init__(self) -> None:
+        where = "engine/strategy.py StrategyConfig"
+        if self.kind not in KINDS:
+            raise ValueError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{where}: zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{where}: precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.grad_clip < 0:
+            raise ValueError(f"{where}: grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"{where}: grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError(f"{where}: offload_optimizer needs zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"{where}: offload_params needs zero_stage 3")
+
 
 DEFAULT_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce/allgather bucket default
 DEFAULT_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's ZeRO-3 prefetch bucket default
