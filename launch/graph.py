@@ -9,6 +9,9 @@ stages:
     recipe: ../stages/detr_pretrain/tiny.yaml
     overrides: [backbone_init=stage:backbone]           # stage:<name> = that stage's export
     processes: 2                                        # optional: ranks on the local machine
+  - name: dino
+    recipe: ../stages/detr_pretrain/tiny_dino.yaml
+    seeds: [0, 1]                                       # optional: one stage per seed
 ```
 
 Relative paths (``recipe:``, and path values in ``overrides:`` such as ``data.shards=...``) are
@@ -19,6 +22,13 @@ A stage depends on every stage its resolved config names as ``stage:<name>``; th
 earlier in the file. A stage is up to date when its ``DONE.json`` records the same config hash
 and the same input fingerprints (exports' weights and the data's shard index), as ``make``
 skips a built target.
+
+``seeds: [0, 1]`` expands a stage into one stage per seed, named ``<name>_s<seed>`` (``dino_s0``,
+``dino_s1``), each with ``train.seed=<seed>`` after its other overrides: each has its own run
+folder and is cached, resumed and selected (``--only dino_s1``) like any stage; ``--only dino``
+selects all of them. A dependant names one instance (``stage:dino_s0``): ``stage:dino`` is an
+error, since which seed's export a later stage starts from is a choice the pipeline file makes.
+The summary and the curves aggregate a seeded stage's instances as mean +- std over its seeds.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from stages.common import read_done
 from stages.inputs import STAGE_PREFIX, export_is_intact, input_fingerprints
 
 PIPELINE_KEYS = {"name", "stages", "description"}
-STAGE_KEYS = {"name", "recipe", "overrides", "processes"}
+STAGE_KEYS = {"name", "recipe", "overrides", "processes", "seeds"}
 # A name starts with a letter or digit, so '.' and '..' are not names.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -56,6 +66,8 @@ class StageSpec:
     cfg: Any  # the stage's validated Config
     processes: int
     depends_on: list[str] = field(default_factory=list)
+    group: str = ""  # the pipeline file's stage name (a seeded stage's instances share it)
+    seed: int | None = None  # the `seeds:` entry this instance runs, None for an unseeded stage
 
     @property
     def config_hash(self) -> str:
@@ -74,6 +86,18 @@ class Pipeline:
                 return spec
         raise ConfigError(f"{self.path}: no stage named '{name}' "
                           f"(stages: {', '.join(s.name for s in self.stages)})")
+
+    def instances(self, name: str) -> list[StageSpec]:
+        """The stage called `name`, or every seed instance of the seeded stage `name`."""
+        seeded = [spec for spec in self.stages if spec.seed is not None and spec.group == name]
+        return seeded or [self.stage(name)]
+
+    def groups(self) -> dict[str, list[StageSpec]]:
+        """Stage instances by their pipeline-file name, in file order (one each when unseeded)."""
+        out: dict[str, list[StageSpec]] = {}
+        for spec in self.stages:
+            out.setdefault(spec.group or spec.name, []).append(spec)
+        return out
 
     def run_dir(self, workdir: Path, stage: str) -> Path:
         return Path(workdir) / self.name / stage
@@ -117,8 +141,33 @@ def load_pipeline(path: str | Path, extra_overrides: list[str] | None = None) ->
         if not isinstance(entry, dict) or "name" not in entry or "recipe" not in entry:
             raise ConfigError(f"{where}: each stage needs 'name' and 'recipe'")
         _check_keys(entry, STAGE_KEYS, where)
-        specs.append(_stage_spec(path, entry, extra_overrides or [], [s.name for s in specs], where))
+        seeded = [s for s in specs if s.seed is not None]
+        for instance, seed in _seed_instances(entry, where):
+            spec = _stage_spec(path, instance, extra_overrides or [], [s.name for s in specs],
+                               where, seeded)
+            spec.group, spec.seed = str(entry["name"]), seed
+            specs.append(spec)
+    names = [s.name for s in specs]
+    for spec in specs:
+        if names.count(spec.name) > 1:
+            raise ConfigError(f"{path}: two stages are named '{spec.name}' (a seeded stage "
+                              "'<name>' makes '<name>_s<seed>'): rename one")
     return Pipeline(name, path, specs)
+
+
+def _seed_instances(entry: dict, where: str) -> list[tuple[dict, int | None]]:
+    """The entry itself, or one copy per seed named `<name>_s<seed>` with `train.seed=<seed>`
+    appended to its overrides (so it wins over the entry's own)."""
+    seeds = entry.get("seeds")
+    if seeds is None:
+        return [(entry, None)]
+    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{where} ('{entry['name']}'): seeds must be a non-empty list of "
+                          f"distinct integers >= 0, e.g. seeds: [0, 1]; got {seeds!r}")
+    return [({**entry, "name": f"{entry['name']}_s{seed}",
+              "overrides": [*(entry.get("overrides") or []), f"train.seed={seed}"]}, seed)
+            for seed in seeds]
 
 
 def load_target(target: str | Path, overrides: list[str]) -> Pipeline:
@@ -145,7 +194,8 @@ def check_name(name: str, what: str, where: str) -> str:
     return name
 
 
-def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], where: str) -> StageSpec:
+def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], where: str,
+                seeded: list[StageSpec] = ()) -> StageSpec:
     check_name(str(entry["name"]), "stage name", where)
     recipe = (path.parent / entry["recipe"]).resolve()
     schema = stage_module(recipe_kind(recipe)).Config
@@ -155,6 +205,10 @@ def _stage_spec(path: Path, entry: dict, extra: list[str], earlier: list[str], w
     kind, cfg = load_stage_config(recipe, overrides)
     refs = sorted(set(_stage_refs(to_dict(cfg))))
     for ref in refs:
+        instances = [s.name for s in seeded if s.group == ref]
+        if instances and ref not in earlier:
+            raise ConfigError(f"{where} ('{entry['name']}'): stage:{ref} is a seeded stage; name "
+                              f"one of its instances instead ({', '.join(instances)})")
         if ref not in earlier:
             raise ConfigError(f"{where} ('{entry['name']}'): input stage:{ref} is not an earlier "
                               f"stage of this pipeline (earlier: {', '.join(earlier) or 'none'})")

@@ -35,9 +35,9 @@ SAMPLES_DIR = CONFIGS_DIR.parent / "data" / "samples"
 
 def select_stages(pipeline: Pipeline, only: str | None, from_stage: str | None) -> list[StageSpec]:
     if only:
-        return [pipeline.stage(only)]
+        return pipeline.instances(only)
     if from_stage:
-        pipeline.stage(from_stage)
+        from_stage = pipeline.instances(from_stage)[0].name
         names = [s.name for s in pipeline.stages]
         return pipeline.stages[names.index(from_stage):]
     return list(pipeline.stages)
