@@ -80,13 +80,16 @@ class DeformableDecoderLayer(nn.Module):
     def forward(
         self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
         spatial_shapes: Tensor, memory_padding_mask: Tensor, self_attn_mask: Tensor | None = None,
+        sampling_filter=None,
     ) -> Tensor:
         """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2|4); memory (B, S, C);
-        self_attn_mask (Q, Q) bool, True where a query may not attend -> (B, Q, C)."""
+        self_attn_mask (Q, Q) bool, True where a query may not attend; sampling_filter: the
+        cross-attention's ``weight_filter`` (masked attention) or None -> (B, Q, C)."""
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
-        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask,
+                                   sampling_filter)
         tgt = self.norm1(tgt + self.dropout1(attended))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
@@ -143,6 +146,7 @@ class DeformableDecoder(nn.Module):
         self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
         valid_ratios: Tensor, query_pos: Tensor | None, memory_padding_mask: Tensor,
         bbox_embed: nn.ModuleList | None = None, self_attn_mask: Tensor | None = None,
+        layer_hook=None,
     ) -> tuple[Tensor, list[Tensor]]:
         """-> hidden states (num_layers, B, Q, C), each layer's reference (B, Q, 2|4).
 
@@ -151,16 +155,24 @@ class DeformableDecoder(nn.Module):
         input, or with ``look_forward_twice`` the same box not detached: layer i's box loss then
         also trains layer i-1's prediction (DINO Sec. 3.5); only the reference passed on is detached.
         ``query_pos`` None: computed per layer by ``ref_point_head`` (needs 4-d references).
+        ``layer_hook(index, tgt, reference_points, memory) -> (reference_points, sampling_filter)``
+        runs before every layer (a segmenter's masked attention, ``pipeline/models/masked_attention.py``).
         """
         hidden, references = [], []
         undetached = reference_points
         for index, layer in enumerate(self.layers):
+            sampling_filter = None
+            if layer_hook is not None:
+                guided, sampling_filter = layer_hook(index, tgt, reference_points, memory)
+                if guided is not reference_points:
+                    undetached = reference_points = guided
             if reference_points.shape[-1] == 4:
                 scaled = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 scaled = reference_points[:, :, None] * valid_ratios[:, None]
             position = self.query_position(reference_points) if query_pos is None else query_pos
-            tgt = layer(tgt, position, scaled, memory, spatial_shapes, memory_padding_mask, self_attn_mask)
+            tgt = layer(tgt, position, scaled, memory, spatial_shapes, memory_padding_mask, self_attn_mask,
+                        sampling_filter)
             hidden.append(tgt)
             references.append(undetached if self.look_forward_twice else reference_points)
             if bbox_embed is not None:
@@ -308,13 +320,14 @@ class DeformableTransformer(nn.Module):
         query_embed: Tensor | None, class_embed: nn.ModuleList | None = None,
         bbox_embed: nn.ModuleList | None = None, refine_boxes: bool = False,
         dn_content: Tensor | None = None, dn_reference: Tensor | None = None,
-        self_attn_mask: Tensor | None = None,
+        self_attn_mask: Tensor | None = None, layer_hook=None,
     ) -> dict:
         """srcs / pos_embeds: per level (B, C, h_l, w_l); masks (B, h_l, w_l); query_embed (Q, 2C).
 
         Mixed selection only: ``dn_content`` (B, P, C) and ``dn_reference`` (B, P, 4) sigmoid boxes
         are denoising queries put before the matching ones; ``self_attn_mask`` (P + Q', P + Q')
-        bool, True = may not attend (Q' = Q x query groups in training).
+        bool, True = may not attend (Q' = Q x query groups in training). ``layer_hook``: see
+        ``DeformableDecoder.forward``.
 
         Returns "hidden" (layers, B, Q, C), "init_reference" (B, Q, 2|4), "references"
         (list per layer of (B, Q, 2|4): its input reference; points become boxes after refinement) and, two-stage,
@@ -341,6 +354,6 @@ class DeformableTransformer(nn.Module):
         out["init_reference"] = reference
         out["hidden"], out["references"] = self.decoder(
             tgt, reference, memory, shapes, valid_ratios, query_pos, mask_flat,
-            bbox_embed if refine_boxes else None, self_attn_mask,
+            bbox_embed if refine_boxes else None, self_attn_mask, layer_hook,
         )
         return out

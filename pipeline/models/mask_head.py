@@ -11,8 +11,13 @@ mask logits = (per-query mask embedding) . (per-pixel embedding), as MaskFormer 
 Masks cover the padded batch canvas (as the targets after ``pipeline.losses.masks.pad_masks``).
 The detector part keeps the parameter names of ``pipeline/models/detr.py`` (``backbone.body``,
 ``transformer``, ``class_embed``...), so a DETR export loads into it with only the new
-``pixel_decoder.*`` and ``mask_embed.*`` keys reported missing. Masked attention in the decoder
-(Mask2Former) is not implemented: the decoder attends to the whole image.
+``pixel_decoder.*`` and ``mask_embed.*`` keys reported missing.
+
+``mask_attention`` (``SegmenterConfig``): "none" (the decoder attends to the whole image),
+"masked" (Mask2Former's masked attention on the deformable sampling points) or "masked+boxes"
+(and Mask DINO's mask-guided reference boxes); see ``pipeline/models/masked_attention.py``. It
+adds no parameter: the masks that guide layer i are the head's own prediction from layer i-1.
+The box head and its losses stay in every mode, so one export gives boxes and masks.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pipeline.models.detr import (
     feature_masks,
     group_norm,
 )
+from pipeline.models.masked_attention import MASK_ATTENTION_MODES, MaskGuidance
 
 PIXEL_STRIDES = (4, 8)
 
@@ -59,6 +65,7 @@ class SegmenterConfig:
 
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # kind must be "deformable"
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # pixel decoder, mask embeddings
+    mask_attention: str = "none"  # "none" | "masked" (Mask2Former) | "masked+boxes" (+ Mask DINO boxes)
 
     def __post_init__(self) -> None:
         if isinstance(self.detector, dict):
@@ -68,6 +75,12 @@ class SegmenterConfig:
         if self.detector.kind != "deformable":
             raise ValueError("SegmenterConfig.detector.kind must be 'deformable' (the pixel decoder reads "
                              f"the multi-scale encoder memory), got {self.detector.kind!r}")
+        if self.mask_attention not in MASK_ATTENTION_MODES:
+            raise ValueError(f"SegmenterConfig.mask_attention must be one of {MASK_ATTENTION_MODES}, "
+                             f"got {self.mask_attention!r}")
+        if self.mask_attention == "masked+boxes" and not self.detector.two_stage:
+            raise ValueError("model.mask_attention='masked+boxes' needs model.detector.two_stage: true "
+                             "(the mask boxes replace reference boxes, as in Mask DINO)")
         strides = self.detector.backbone.out_strides
         if strides[0] != 8:
             raise ValueError("SegmenterConfig: detector.backbone.out_strides must start at 8 (the pixel "
@@ -142,19 +155,34 @@ class DeformableSegmenter(DeformableDETR):
         """images (B, 3, H, W), padding_mask (B, H, W) -> the detector dict + "pred_masks"
         (B, Q, ceil(H / s), ceil(W / s)) mask logits, s = pixel_stride, also in "aux_outputs"."""
         (srcs, masks, pos), high_res = self.multi_scale_inputs(images, padding_mask)
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
+
+        def pixels_of(memory: Tensor) -> Tensor:  # (B, D, h, w)
+            return self.pixel_decoder(memory_levels(memory, shapes)[0], high_res)
+
+        mode = self.segmenter_cfg.mask_attention
+        guide = None if mode == "none" else MaskGuidance(mode, self.mask_embed, pixels_of, masks, padding_mask)
         query_embed = None if self.cfg.two_stage else self.query_embed.weight
         out = self.transformer(
-            srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine
+            srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine,
+            layer_hook=guide,
         )
         outputs = self.detection_outputs(out)
-        finest = memory_levels(out["memory"], [tuple(s.shape[-2:]) for s in srcs])[0]
-        pixels = self.pixel_decoder(finest, high_res)  # (B, D, h, w)
-        layers = out["hidden"] if self.cfg.aux_loss else out["hidden"][-1:]
-        layer_masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(layers), pixels)
+        layer_masks = self.layer_masks(out["hidden"], guide, pixels_of(out["memory"]) if guide is None else None)
         outputs["pred_masks"] = layer_masks[-1]
         for aux, masks_of_layer in zip(outputs["aux_outputs"], layer_masks[:-1]):
             aux["pred_masks"] = masks_of_layer
         return outputs
+
+    def layer_masks(self, hidden: Tensor, guide: MaskGuidance | None, pixels: Tensor | None) -> list[Tensor]:
+        """(layers, B, Q, C) decoder states -> (B, Q, h, w) mask logits of every layer (the last
+        only without aux_loss). With masked attention, layer i's masks are those that guided layer
+        i + 1, already computed; only the last layer's are new."""
+        if guide is None:
+            layers = hidden if self.cfg.aux_loss else hidden[-1:]
+            return list(torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(layers), pixels))
+        last = guide.predict_masks(hidden[-1])
+        return [*guide.mask_logits[1:], last] if self.cfg.aux_loss else [last]
 
 
 def segmenter_backbone_config(cfg: SegmenterConfig) -> BackboneConfig:

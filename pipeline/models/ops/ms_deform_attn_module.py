@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -53,12 +54,15 @@ class MSDeformAttn(nn.Module):
         input_flatten: Tensor,
         spatial_shapes: Tensor,
         input_padding_mask: Tensor | None = None,
+        weight_filter: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Attend from queries to the flattened multi-scale map.
 
         query (B, Q, C); reference_points (B, Q, L, 2) normalised (x, y), or (B, Q, L, 4) boxes
         (cx, cy, w, h) whose size scales the offsets; input_flatten (B, S, C); spatial_shapes
         int64 (L, 2); input_padding_mask bool (B, S) True on padding -> (B, Q, C).
+        ``weight_filter(weights (B, Q, H, L, P), locations (B, Q, H, L, P, 2)) -> weights``
+        rewrites the attention weights before sampling (masked attention of a segmenter).
         """
         batch, queries, _ = query.shape
         tokens = input_flatten.shape[1]
@@ -71,6 +75,8 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, queries, self.n_heads, -1)
         weights = weights.softmax(-1).view(shape)
         locations = sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
+        if weight_filter is not None:
+            weights = weight_filter(weights, locations)
         return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
 
 
