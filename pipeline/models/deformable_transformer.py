@@ -128,6 +128,8 @@ class DeformableDecoder(nn.Module):
     layer's reference box into its query position, and with ``look_forward_twice`` the returned
     references keep the gradient of the previous layer's refinement."""
 
+    decoder_trace = None  # a DecoderTrace while ``pipeline.models.trace.record_decoder`` is on
+
     def __init__(self, layer: DeformableDecoderLayer, num_layers: int, dynamic_query_pos: bool = False,
                  look_forward_twice: bool = False):
         super().__init__()
@@ -160,6 +162,8 @@ class DeformableDecoder(nn.Module):
         """
         hidden, references = [], []
         undetached = reference_points
+        if self.decoder_trace is not None:
+            self.decoder_trace.valid_ratios = valid_ratios.detach()
         for index, layer in enumerate(self.layers):
             sampling_filter = None
             if layer_hook is not None:

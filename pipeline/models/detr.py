@@ -125,6 +125,13 @@ class DetectorBase(nn.Module):
     # substrings of parameter names trained at a reduced lr in Deformable DETR (its
     # lr_linear_proj_names): the sampling-offset and reference-point projections
     linear_proj_names = ("reference_points", "sampling_offsets")
+    decoder_trace = None  # a DecoderTrace while ``pipeline.models.trace.record_decoder`` is on
+
+    def trace_layers(self, logits: Tensor, boxes: Tensor) -> None:
+        """Hand every layer's (layers, B, Q, C) logits and (layers, B, Q, 4) boxes to the trace."""
+        if self.decoder_trace is not None:
+            self.decoder_trace.layer_logits = logits.detach()
+            self.decoder_trace.layer_boxes = boxes.detach()
 
     def param_group(self, name: str) -> str:
         """Optimiser group of parameter ``name``: "backbone" (the pretrained body, lr x
@@ -238,7 +245,9 @@ class DeformableDETR(DetectorBase):
                 delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             logits.append(self.class_embed[layer](hidden))
             boxes.append(delta.sigmoid())
-        outputs = collect_outputs(torch.stack(logits), torch.stack(boxes), self.cfg.aux_loss)
+        logits, boxes = torch.stack(logits), torch.stack(boxes)
+        self.trace_layers(logits, boxes)
+        outputs = collect_outputs(logits, boxes, self.cfg.aux_loss)
         if self.cfg.two_stage:
             outputs["enc_outputs"] = {"pred_logits": out["enc_class"], "pred_boxes": out["enc_coord_unact"].sigmoid()}
         return outputs
@@ -270,4 +279,6 @@ class DETR(DetectorBase):
         mask = mask_to_feature(padding_mask, tuple(feature.shape[-2:]))
         pos = self.position(mask).to(feature.dtype)
         hidden = self.transformer(self.input_proj(feature), mask, self.query_embed.weight, pos)
-        return collect_outputs(self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), self.cfg.aux_loss)
+        logits, boxes = self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
+        self.trace_layers(logits, boxes)
+        return collect_outputs(logits, boxes, self.cfg.aux_loss)

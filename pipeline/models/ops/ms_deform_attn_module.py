@@ -16,7 +16,13 @@ class MSDeformAttn(nn.Module):
 
     Parameter names (``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``)
     and initialisation follow the official Deformable DETR so its weights load one to one.
+
+    ``trace``: None (the default: nothing is kept), or a list to which every forward appends
+    {"sampling_locations", "attention_weights"}: the very tensors handed to ``ms_deform_attn``,
+    detached (``pipeline.models.trace.record_decoder`` sets it on the decoder's layers).
     """
+
+    trace: list[dict[str, Tensor]] | None = None
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -77,6 +83,9 @@ class MSDeformAttn(nn.Module):
         locations = sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
         if weight_filter is not None:
             weights = weight_filter(weights, locations)
+        if self.trace is not None:
+            self.trace.append({"sampling_locations": locations.detach(),
+                               "attention_weights": weights.detach()})
         return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
 
 
