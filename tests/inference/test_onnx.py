@@ -23,8 +23,15 @@ from pipeline.inference.predictor import Predictor
 
 @pytest.fixture(scope="module")
 def onnx_out(tiny_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    assert main(["export", str(tiny_export), "--onnx", "--out", str(out)]) == 0
+    """`detrforge export models:/tiny.detr@latest --onnx --out DIR` of a registered tiny export."""
+    from pipeline.registry import register_export
+    from pipeline.tracking import tracking_uri_for
+
+    workdir, out = tmp_path_factory.mktemp("reg"), tmp_path_factory.mktemp("onnx")
+    register_export(tiny_export, "tiny.detr", tracking_uri_for(workdir))
+    uri = ["export", "models:/tiny.detr@latest", "--onnx", "--workdir", str(workdir)]
+    assert main(uri) == 2  # a downloaded model has no folder of its own: --out is needed
+    assert main([*uri, "--out", str(out)]) == 0
     return out
 
 
