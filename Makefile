@@ -36,6 +36,8 @@ demo: install
 # Off CI a machine without root skips the `slurm` tests with a reason; on CI it must start.
 test: install
 	$(BIN)/python -m ruff check .
+	@command -v chromium >/dev/null || apt-get install -y chromium >/dev/null \
+		|| echo "chromium not installed (needs root): the MLflow UI browser test skips"
 	@if [ "$$CI" = "true" ]; then launch/slurm/cluster.sh up; \
 	else launch/slurm/cluster.sh up || echo "SLURM test cluster not started: slurm tests skip"; fi
 	SLURM_CONF=$(SLURM_CONF) $(BIN)/python -m pytest -m "not slow and not gpu" tests; \
