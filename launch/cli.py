@@ -53,10 +53,11 @@ def _add_pipeline_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    from launch import finetune_cli, model_cli
+    from launch import finetune_cli, inspect_cli, model_cli
 
     model_cli.register(sub)  # predict, eval, export
     finetune_cli.register(sub)  # finetune
+    inspect_cli.register(sub)  # inspect
 
     reg = sub.add_parser("registry", help="the MLflow model registry of the workdir")
     reg_sub = reg.add_subparsers(dest="registry_cmd", metavar="{list,promote,register}",

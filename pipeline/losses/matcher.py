@@ -140,19 +140,29 @@ class HungarianMatcher(nn.Module):
         return pos_cost - neg_cost
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: dict, targets: list[dict]) -> Tensor:
-        """(B, Q, T_total) fp32 cost of every query against every target of the whole batch."""
+    def cost_pieces(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """The weighted terms of ``cost_matrix``, each (B, Q, T_total) fp32: "class"
+        (cost_class x classification cost), "bbox" (cost_bbox x L1), "giou" (-cost_giou x GIoU);
+        their sum is the box part of the matching cost (the inspector shows them apart)."""
         batch_size, num_queries = outputs["pred_logits"].shape[:2]
         logits = outputs["pred_logits"].flatten(0, 1).float()  # (B*Q, C)
         boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
         tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.int64)
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)
-        cost = (self.cost_class * self.classification_cost(logits, tgt_labels)
-                + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
-                - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes),
-                                                       box_cxcywh_to_xyxy(tgt_boxes)))
+        pieces = {
+            "class": self.cost_class * self.classification_cost(logits, tgt_labels),
+            "bbox": self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1),
+            "giou": -self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes),
+                                                          box_cxcywh_to_xyxy(tgt_boxes)),
+        }
         # An explicit size: view(B, Q, -1) is ambiguous when the batch has no targets at all.
-        return cost.view(batch_size, num_queries, len(tgt_labels))
+        return {k: v.view(batch_size, num_queries, len(tgt_labels)) for k, v in pieces.items()}
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs: dict, targets: list[dict]) -> Tensor:
+        """(B, Q, T_total) fp32 cost of every query against every target of the whole batch."""
+        pieces = self.cost_pieces(outputs, targets)
+        return pieces["class"] + pieces["bbox"] + pieces["giou"]
 
     @torch.no_grad()
     def mask_cost(self, pred_masks: Tensor, target_masks: Tensor, canvas_size: tuple[int, int]) -> Tensor:
