@@ -1,5 +1,5 @@
-"""Segmentation evaluation over a loader: COCO segm AP (things), PQ / SQ / RQ (all, things,
-stuff) and mIoU, measured at the original image size against the original panoptic PNGs and json,
+"""Segmentation evaluation over a loader: COCO segm AP and box AP of the box head (things),
+PQ / SQ / RQ (all, things, stuff), mIoU and the share of contested panoptic pixels, measured at the original image size against the original panoptic PNGs and json,
 with pictures of predicted segments.
 
 ``runner`` is anything with ``module`` (the model: ``(images, padding_mask) -> outputs``),
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import dist
+from pipeline.boxes import box_cxcywh_to_xyxy
 from pipeline.data.collate import model_images
 from pipeline.data.errors import DataError
 from pipeline.data.panoptic_view import PanopticView
@@ -24,7 +25,7 @@ from pipeline.eval.pictures import draw_segments
 from pipeline.eval.segmentation_inference import (
     PanopticInferenceConfig,
     instance_inference,
-    panoptic_inference,
+    panoptic_segments,
     resize_mask_logits,
     semantic_inference,
 )
@@ -53,31 +54,48 @@ class SegmentationMetrics:
     coco: CocoEvaluator | None
     panoptic: PanopticEvaluator
     semantic: SemanticEvaluator
+    boxes: CocoEvaluator | None = None  # box AP of the box head's boxes (the same top-k instances)
+    contested_pixels: int = 0  # panoptic pixels covered by two or more kept masks
+    pixels: int = 0  # panoptic pixels seen
 
     def summarize(self) -> dict[str, float] | None:
         """Every rank calls it; the dict on the rank that holds the COCO results, else None."""
         self.panoptic.gather()
         self.semantic.gather()
+        contested = dist.all_reduce_sum(float(self.contested_pixels))
+        pixels = dist.all_reduce_sum(float(self.pixels))
+        boxes_main = self.boxes.gather() if self.boxes is not None else True
         main = self.coco.gather() if self.coco is not None else dist.is_main()
-        if not main:
+        if not (main and boxes_main):
             return None
         metrics = {**self.panoptic.summarize(), **self.semantic.summarize()}
+        metrics["contested_share"] = contested / max(pixels, 1.0)
         if self.coco is not None:
             metrics.update({f"segm_{k}": v for k, v in self.coco.summarize().items()})
+        if self.boxes is not None:
+            metrics.update({f"bbox_{k}": v for k, v in self.boxes.summarize().items()})
         return metrics
 
 
 def evaluate_image(metrics: SegmentationMetrics, view: PanopticView, logits: torch.Tensor,
-                   mask_logits: torch.Tensor, image_id: int, focal: bool, eval_cfg: SegmentationEvalConfig):
-    """Add one image's predictions (mask logits at the original size) -> (panoptic ids, segments)."""
+                   mask_logits: torch.Tensor, image_id: int, focal: bool, eval_cfg: SegmentationEvalConfig,
+                   query_boxes: torch.Tensor | None = None):
+    """Add one image's predictions (mask logits at the original size; the box head's (Q, 4) x0,
+    y0, x1, y1 boxes at that size, if any) -> (panoptic ids, segments)."""
     label_to_id = [int(c["id"]) for c in view.categories]
     num_things = sum(view.is_thing)
     if metrics.coco is not None:
-        instances = instance_inference(logits, mask_logits, focal, eval_cfg.top_k)
+        instances = instance_inference(logits, mask_logits, focal, eval_cfg.top_k, query_boxes=query_boxes)
         keep = instances["labels"] < num_things  # segm AP is on the instance (thing) annotations
-        metrics.coco.update([image_id], [{k: v[keep] for k, v in instances.items()}])
+        things = {k: v[keep] for k, v in instances.items()}
+        metrics.coco.update([image_id], [things])
+        if metrics.boxes is not None and query_boxes is not None:
+            metrics.boxes.update([image_id], [{k: things[k] for k in ("scores", "labels", "boxes")}])
     panoptic_cfg = PanopticInferenceConfig(eval_cfg.object_mask_threshold, eval_cfg.overlap_threshold)
-    ids, segments = panoptic_inference(logits, mask_logits, focal, view.is_thing, panoptic_cfg)
+    result = panoptic_segments(logits, mask_logits, focal, view.is_thing, panoptic_cfg)
+    ids, segments = result.ids, result.segments
+    metrics.contested_pixels += result.contested_pixels
+    metrics.pixels += ids.numel()
     if image_id not in view.images:
         raise DataError(f"image {image_id} has no entry in the panoptic annotations; regenerate them "
                         "together with the shards")
@@ -92,22 +110,28 @@ def evaluate_image(metrics: SegmentationMetrics, view: PanopticView, logits: tor
 
 def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | None, focal: bool,
                           eval_cfg: SegmentationEvalConfig, pictures_dir: Path | None):
-    """evaluate(runner) -> PQ/SQ/RQ (all, _th, _st), mIoU, pixel_acc, segm_AP... (all ranks)."""
+    """evaluate(runner) -> PQ/SQ/RQ (all, _th, _st), mIoU, pixel_acc, segm_AP..., bbox_AP...,
+    contested_share (all ranks)."""
     names = [str(c.get("name", c["id"])) for c in view.categories]
     things = [int(c["id"]) for c in view.categories if c.get("isthing", 1)]
 
     def evaluate(strategy) -> dict[str, float]:
         coco = CocoEvaluator(instances_json, things, iou_type="segm") if instances_json else None
-        metrics = SegmentationMetrics(coco, PanopticEvaluator(view.categories), SemanticEvaluator(len(names)))
+        boxes = CocoEvaluator(instances_json, things, iou_type="bbox") if instances_json else None
+        metrics = SegmentationMetrics(coco, PanopticEvaluator(view.categories), SemanticEvaluator(len(names)),
+                                      boxes)
         for index, batch in enumerate(loader):
             images = model_images(batch, strategy.device, strategy.compute_dtype)
             with strategy.autocast():
                 outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
             logits, masks = outputs["pred_logits"].float().cpu(), outputs["pred_masks"].float().cpu()
+            boxes_xyxy = box_cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu())
             for i, target in enumerate(batch["targets"]):
                 image_masks = resize_mask_logits(masks[i], images.shape[-2:], target["size"], target["orig_size"])
+                height, width = (float(v) for v in target["orig_size"])
+                query_boxes = boxes_xyxy[i] * torch.tensor([width, height, width, height])
                 ids, segments = evaluate_image(metrics, view, logits[i], image_masks, int(target["image_id"]),
-                                               focal, eval_cfg)
+                                               focal, eval_cfg, query_boxes)
                 if index == 0 and i < eval_cfg.pictures and pictures_dir is not None and dist.is_main():
                     draw_segments(images[i], target["size"], ids, segments, names,
                                   pictures_dir / f"val_{i:02d}.png")

@@ -9,7 +9,7 @@ the model's contiguous class indices; map them to dataset category ids outside.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,14 @@ def resize_mask_logits(mask_logits: Tensor, canvas_size: Sequence[int], image_si
 
 @torch.no_grad()
 def instance_inference(logits: Tensor, mask_logits: Tensor, focal: bool, top_k: int = 100,
-                       mask_threshold: float = 0.5) -> dict[str, Tensor]:
+                       mask_threshold: float = 0.5, query_boxes: Tensor | None = None) -> dict[str, Tensor]:
     """Top-k (query, class) pairs -> {"scores" (k,) descending, "labels" (k,), "masks" bool (k, H, W),
-    "boxes" (k, 4) x0, y0, x1, y1 pixels of the masks, "queries" (k,)}.
+    "boxes" (k, 4) x0, y0, x1, y1 pixels, "mask_boxes" (k, 4) the masks' tight boxes, "queries" (k,)}.
 
     Score = class probability x mean mask probability inside the predicted mask (Mask2Former),
-    so that queries with confident classes but vague masks rank lower.
+    so that queries with confident classes but vague masks rank lower. "boxes" are the box head's
+    ``query_boxes`` (Q, 4) x0, y0, x1, y1 pixels of the output size when given (one model gives
+    boxes and masks), else the masks' boxes.
     """
     probs = class_probabilities(logits, focal)  # (Q, C)
     num_classes = probs.shape[1]
@@ -65,9 +67,11 @@ def instance_inference(logits: Tensor, mask_logits: Tensor, focal: bool, top_k: 
     mask_score = (mask_probs * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
     scores, order = (scores * mask_score).sort(descending=True)
     masks = masks[order]
-    boxes = masks_to_boxes(masks) if len(masks) else torch.zeros(0, 4, device=masks.device)
+    mask_boxes = masks_to_boxes(masks) if len(masks) else torch.zeros(0, 4, device=masks.device)
+    queries = queries[order]
+    boxes = mask_boxes if query_boxes is None else query_boxes[queries].float()
     return {"scores": scores, "labels": labels[order], "masks": masks, "boxes": boxes,
-            "queries": queries[order]}
+            "mask_boxes": mask_boxes, "queries": queries}
 
 
 @torch.no_grad()
@@ -77,16 +81,35 @@ def semantic_inference(logits: Tensor, mask_logits: Tensor, focal: bool) -> Tens
     return scores.argmax(0)
 
 
+@dataclass
+class PanopticResult:
+    """One image's panoptic prediction."""
+
+    ids: Tensor  # (H, W) int64 segment id, 0 = void
+    segments: list[dict] = field(default_factory=list)  # {"id", "label", "isthing", "score"}
+    contested_pixels: int = 0  # pixels inside the masks of two or more kept queries (resolved by score)
+
+
 @torch.no_grad()
 def panoptic_inference(logits: Tensor, mask_logits: Tensor, focal: bool, is_thing: Sequence[bool],
                        cfg: PanopticInferenceConfig | None = None) -> tuple[Tensor, list[dict]]:
-    """Non-overlapping segments -> ((H, W) int64 segment ids, 0 = void; segments_info list of
-    {"id", "label", "isthing", "score"}).
+    """``panoptic_segments`` -> ((H, W) int64 segment ids, 0 = void; segments_info list)."""
+    result = panoptic_segments(logits, mask_logits, focal, is_thing, cfg)
+    return result.ids, result.segments
+
+
+@torch.no_grad()
+def panoptic_segments(logits: Tensor, mask_logits: Tensor, focal: bool, is_thing: Sequence[bool],
+                      cfg: PanopticInferenceConfig | None = None) -> PanopticResult:
+    """Non-overlapping segments: segment ids, segments_info list of {"id", "label", "isthing",
+    "score"} and the count of contested pixels.
 
     Queries above ``object_mask_threshold`` compete per pixel by score x mask probability; a
     query keeps the pixels it wins where its own mask probability passes ``mask_threshold``,
     and is dropped when that is under ``overlap_threshold`` of its mask. Stuff queries of one
-    class merge into one segment.
+    class merge into one segment. A pixel is contested when the masks (probability >=
+    ``mask_threshold``) of two or more kept queries cover it: overlapping masks, as crowded
+    scenes give, are resolved there by score and counted.
     """
     cfg = cfg or PanopticInferenceConfig()
     scores, labels = class_probabilities(logits, focal).max(-1)
@@ -95,7 +118,8 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, focal: bool, is_thin
     panoptic = torch.zeros(mask_logits.shape[-2:], dtype=torch.int64)
     segments: list[dict] = []
     if len(scores) == 0:
-        return panoptic, segments
+        return PanopticResult(panoptic, segments)
+    contested = int(((mask_probs >= cfg.mask_threshold).sum(0) >= 2).sum())
     winner = (scores[:, None, None] * mask_probs).argmax(0)
     stuff_segment: dict[int, int] = {}
     for k in range(len(scores)):
@@ -115,4 +139,4 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, focal: bool, is_thin
         segments.append({"id": segment_id, "label": label, "isthing": thing, "score": float(scores[k])})
         if not thing:
             stuff_segment[label] = segment_id
-    return panoptic, segments
+    return PanopticResult(panoptic, segments, contested)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pipeline.boxes import box_cxcywh_to_xyxy
 from pipeline.data.collate import model_images
 from pipeline.eval.postprocess import postprocess_detections
 from pipeline.eval.segmentation_inference import (
@@ -148,7 +149,11 @@ class Predictor:
         for i, logits in enumerate(outputs["pred_logits"]):
             masks = resize_mask_logits(outputs["pred_masks"][i], canvas, batch["sizes"][i],
                                        batch["orig_sizes"][i])
-            inst = instance_inference(logits, masks, self.spec.focal, top_k)
+            height, width = (float(v) for v in batch["orig_sizes"][i])
+            # the box head's boxes: one segmenter export detects as well as it segments
+            query_boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][i].float()) * torch.tensor(
+                [width, height, width, height])
+            inst = instance_inference(logits, masks, self.spec.focal, top_k, query_boxes=query_boxes)
             ids, segments = panoptic_inference(logits, masks, self.spec.focal, is_thing, cfg)
             results.append(self._prediction(inst["boxes"], inst["scores"], inst["labels"],
                                             masks=inst["masks"], panoptic=ids, segments=segments,

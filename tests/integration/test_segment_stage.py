@@ -36,7 +36,8 @@ def test_segment_stage_from_a_detector_export(tmp_path, capsys, monkeypatch):
     result = segment_finetune.run(cfg, ctx)
 
     assert result.status == "done" and result.start == "init_from" and result.main_metric == "PQ"
-    assert {"PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mIoU", "pixel_acc", "segm_AP", "segm_AP50"} <= set(result.metrics)
+    assert {"PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mIoU", "pixel_acc", "segm_AP", "segm_AP50", "bbox_AP",
+            "contested_share"} <= set(result.metrics)
     printed = capsys.readouterr().out
     assert "missing:    pixel_decoder." in printed and "missing:    mask_embed." in printed
     assert "mismatched: class_embed.0.weight" in printed  # 7 thing classes -> 10 things + stuff

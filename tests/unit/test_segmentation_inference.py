@@ -7,6 +7,7 @@ from pipeline.eval.segmentation_inference import (
     PanopticInferenceConfig,
     instance_inference,
     panoptic_inference,
+    panoptic_segments,
     resize_mask_logits,
     semantic_inference,
 )
@@ -96,3 +97,33 @@ def test_resize_mask_logits_crops_the_padding_first():
     assert out.shape == (1, 2, 2) and out.min() > 0  # no padding pixel leaked in
     uncropped = resize_mask_logits(logits, canvas_size=(8, 8), image_size=(8, 8), out_size=(2, 2))
     assert uncropped.min() < 0
+
+
+def test_panoptic_counts_the_contested_pixels_and_gives_them_to_the_higher_score():
+    masks = torch.stack([
+        region(slice(0, 3), slice(0, 4)),  # 12 pixels
+        region(slice(1, 4), slice(2, 6)),  # 12 pixels, 4 of them (rows 1-2, cols 2-3) shared
+        region(slice(0, 4), slice(0, 6)),  # unsure class: dropped, so its overlaps do not count
+    ])
+    logits = softmax_logits([0, 1, 1], 2)
+    logits[1, 1] = 8.0  # a little less sure than query 0
+    logits[2] = 0.0
+    result = panoptic_segments(logits, masks, focal=False, is_thing=[True, True],
+                               cfg=PanopticInferenceConfig(overlap_threshold=0.5))
+    assert result.contested_pixels == 4
+    first = [s["id"] for s in result.segments if s["label"] == 0][0]
+    assert (result.ids[1:3, 2:4] == first).all()
+    ids, segments = panoptic_inference(logits, masks, focal=False, is_thing=[True, True],
+                                       cfg=PanopticInferenceConfig(overlap_threshold=0.5))
+    assert torch.equal(ids, result.ids) and segments == result.segments
+
+
+def test_instance_boxes_come_from_the_box_head_when_given():
+    masks = torch.stack([region(slice(0, 2), slice(0, 3)), region(slice(2, 4), slice(3, 6))])
+    query_boxes = torch.tensor([[0.0, 0.0, 3.5, 2.5], [3.0, 2.0, 6.0, 4.0]])
+    out = instance_inference(softmax_logits([0, 1], 2), masks, focal=False, top_k=2, query_boxes=query_boxes)
+    torch.testing.assert_close(out["boxes"], query_boxes[out["queries"]])
+    expected_mask_boxes = torch.tensor([[0.0, 0.0, 3.0, 2.0], [3.0, 2.0, 6.0, 4.0]])
+    torch.testing.assert_close(out["mask_boxes"], expected_mask_boxes[out["queries"]])
+    without = instance_inference(softmax_logits([0, 1], 2), masks, focal=False, top_k=2)
+    torch.testing.assert_close(without["boxes"], without["mask_boxes"])
