@@ -11,19 +11,21 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from pipeline import dist
 from pipeline.data.collate import model_images
 from pipeline.data.detection import DetectionDataConfig, build_detection_loader
 from pipeline.data.shards import load_shard_info
-from pipeline.eval.detection import DetectionEvalConfig, coco_evaluate
+from pipeline.eval.detection import DetectionEvalConfig, coco_evaluate, truth_pixels
 from pipeline.losses.denoising import build_dino_criterion
 from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
 from pipeline.models import DetectorConfig, build_detector
 from stages.common import StageContext, StageParts
 from stages.inputs import data_fingerprint
 
-__all__ = ["DetectionEvalConfig", "detection_parts", "move_targets", "set_prediction_step"]
+__all__ = ["DetectionEvalConfig", "detection_parts", "inspector_hook", "move_targets",
+           "set_prediction_step"]
 
 
 def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
@@ -57,6 +59,38 @@ def set_prediction_step(criterion: SetCriterion, weights: dict[str, float], free
     return task_step
 
 
+def inspector_hook(folder: Path, model_cfg: DetectorConfig, data: DetectionDataConfig,
+                   criterion_cfg: CriterionConfig, eval_cfg: DetectionEvalConfig, names: list[str],
+                   categories: list[dict]):
+    """(model, first val batch) -> the inspector report of its first ``eval.inspect_images``
+    images in ``folder`` (rewritten at each evaluation: the last one is the stage's end)."""
+    from pipeline.inference.model_io import ModelSpec
+    from pipeline.inspect.collect import InspectConfig
+    from pipeline.inspect.ground_truth import GroundTruth
+    from pipeline.inspect.inspector import InspectInput, inspect_images
+
+    spec = ModelSpec("detector", model_cfg, names, categories, data.eval_size, data.max_size,
+                     data.size_divisibility, model_cfg.focal)
+    meta = {"config": {"criterion": dataclasses.asdict(criterion_cfg)}}
+
+    def inspect(module, batch: dict) -> None:
+        model = module.module if hasattr(module, "module") else module
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            return  # ZeRO-3 partitions the weights: a rank-0-only forward would wait forever
+        items = []
+        for i, target in enumerate(batch["targets"][:eval_cfg.inspect_images]):
+            h, w = (int(v) for v in target["size"])
+            image = Image.fromarray(batch["images"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy())
+            truth = truth_pixels([target])[0]
+            gt = GroundTruth(truth["boxes"], truth["labels"].long(), list(range(len(truth["labels"]))))
+            items.append(InspectInput(f"val_{i:02d}", image, gt))
+        device = next(model.parameters()).device
+        inspect_images(model, spec, meta, items, folder,
+                       InspectConfig(score_threshold=eval_cfg.picture_score), device)
+
+    return inspect
+
+
 def detection_parts(ctx: StageContext, env: dist.DistEnv, data: DetectionDataConfig,
                     model_cfg: DetectorConfig, criterion_cfg: CriterionConfig,
                     eval_cfg: DetectionEvalConfig, seed: int, init_from: Path | None) -> StageParts:
@@ -77,7 +111,10 @@ def detection_parts(ctx: StageContext, env: dist.DistEnv, data: DetectionDataCon
         task_step=set_prediction_step(criterion, criterion_cfg.weights.as_dict(),
                                       model_cfg.backbone.freeze_steps),
         evaluate=coco_evaluate(val_loader, annotations, focal, eval_cfg,
-                               ctx.run_dir / "artifacts" / "predictions"),
+                               ctx.run_dir / "artifacts" / "predictions",
+                               inspector_hook(ctx.run_dir / "artifacts" / "inspect", model_cfg, data,
+                                              criterion_cfg, eval_cfg, names,
+                                              train_loader.categories)),
         micro_batch_size=data.batch_size, main_metric="AP",
         images_per_step=data.batch_size * env.world_size,
         meta={"kind": "detector", "detector": dataclasses.asdict(model_cfg),

@@ -1,4 +1,5 @@
-"""Pictures of predictions on validation images: boxes with class and score, panoptic segments."""
+"""Pictures of predictions on validation images: ground truth next to the top-k predictions
+with their scores (upscaled so small images stay readable), panoptic segments."""
 
 from __future__ import annotations
 
@@ -15,22 +16,54 @@ IMAGENET_MEAN = torch.tensor(_MEAN)[:, None, None]
 IMAGENET_STD = torch.tensor(_STD)[:, None, None]
 
 
-def draw_predictions(images: torch.Tensor, sizes: torch.Tensor, detections: list[dict],
-                     names: list[str], folder: Path, min_score: float) -> None:
-    """Save (B, 3, H, W) normalised images with their detections drawn, as PNG files."""
+TRUTH_COLOUR, CONFIDENT_COLOUR, LOW_COLOUR = (40, 220, 90), (255, 40, 40), (255, 170, 60)
+
+
+def _picture(image: torch.Tensor, size: torch.Tensor) -> Image.Image:
+    """(3, H, W) normalised image cropped to its unpadded (h, w) ``size`` -> RGB picture."""
+    h, w = (int(s) for s in size)
+    pixels = ((image.float().cpu() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1) * 255)
+    return Image.fromarray(pixels[:, :h, :w].byte().permute(1, 2, 0).numpy())
+
+
+def _boxes_drawn(picture: Image.Image, factor: float, boxes, captions, colours, widths) -> Image.Image:
+    picture = picture.resize((round(picture.width * factor), round(picture.height * factor)),
+                             Image.BICUBIC)
+    draw = ImageDraw.Draw(picture)
+    for box, caption, colour, width in zip(boxes, captions, colours, widths):
+        box = [float(v) * factor for v in box]
+        draw.rectangle(box, outline=colour, width=width)
+        left, top, right, bottom = draw.textbbox((box[0] + 2, box[1] + 1), caption)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
+        draw.text((box[0] + 2, box[1] + 1), caption, fill=colour)
+    return picture
+
+
+def draw_truth_and_predictions(images: torch.Tensor, sizes: torch.Tensor, truths: list[dict],
+                               detections: list[dict], names: list[str], folder: Path,
+                               min_score: float, top_k: int = 10, min_side: int = 512) -> list[Path]:
+    """Save, per (3, H, W) normalised image, its ground truth (left; ``truths``: {"boxes" (n, 4)
+    xyxy pixels, "labels"}) next to its ``top_k`` best detections with scores (right, low scores
+    included: thin orange below ``min_score``), upscaled until the longer side is ``min_side``."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (image, det) in enumerate(zip(images, detections)):
-        h, w = (int(s) for s in sizes[i])
-        pixels = ((image.float().cpu() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1) * 255)
-        picture = Image.fromarray(pixels[:, :h, :w].byte().permute(1, 2, 0).numpy())
-        draw = ImageDraw.Draw(picture)
-        for box, label, score in zip(det["boxes"], det["labels"], det["scores"]):
-            if score < min_score:
-                continue
-            draw.rectangle(box.tolist(), outline=(255, 40, 40), width=2)
-            draw.text((float(box[0]) + 2, float(box[1]) + 1), f"{names[int(label)]} {score:.2f}",
-                      fill=(255, 255, 0))
-        picture.save(folder / f"val_{i:02d}.png")
+    paths = []
+    for i, (image, truth, det) in enumerate(zip(images, truths, detections)):
+        picture = _picture(image, sizes[i])
+        factor = max(1.0, min_side / max(picture.size))
+        gt = _boxes_drawn(picture, factor, truth["boxes"], [names[int(c)] for c in truth["labels"]],
+                          [TRUTH_COLOUR] * len(truth["boxes"]), [2] * len(truth["boxes"]))
+        order = det["scores"].argsort(descending=True)[:top_k].tolist()[::-1]  # best drawn last
+        scores = [float(det["scores"][j]) for j in order]
+        pred = _boxes_drawn(picture, factor, [det["boxes"][j] for j in order],
+                            [f"{names[int(det['labels'][j])]} {s:.2f}" for j, s in zip(order, scores)],
+                            [CONFIDENT_COLOUR if s >= min_score else LOW_COLOUR for s in scores],
+                            [2 if s >= min_score else 1 for s in scores])
+        canvas = Image.new("RGB", (gt.width * 2 + 8, gt.height), (30, 30, 30))
+        canvas.paste(gt, (0, 0))
+        canvas.paste(pred, (gt.width + 8, 0))
+        paths.append(folder / f"val_{i:02d}.png")
+        canvas.save(paths[-1])
+    return paths
 
 
 def _palette(segment_id: int) -> tuple[int, int, int]:
