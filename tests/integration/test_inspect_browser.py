@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / ".cache" / "test-artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--enable-logging=stderr", "--v=0"]
@@ -82,7 +83,9 @@ def test_report_in_headless_chromium(report, tmp_path):
     assert result["highlighted"] == [f"q-0-{first['matched_query']}"]
     assert result["showing"] == f"q{first['matched_query']}"
 
-    shot = report["base"] / "report.png"  # kept beside the report as the test's artifact
+    shot = ARTIFACTS / "inspect_report.png"  # kept as the test's artifact
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    shot.unlink(missing_ok=True)
     done = chromium([f"--screenshot={shot}", "--window-size=1280,900", url + "?selftest"],
                     tmp_path / "profile2")
     assert shot.is_file() and shot.stat().st_size > 10_000, done.stderr[-2000:]
