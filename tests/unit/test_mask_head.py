@@ -137,3 +137,24 @@ def test_mask_costs_pick_the_query_whose_mask_matches():
     assert HungarianMatcher(focal=True)(outputs, targets)[0][0].tolist() == [0]
     matched = HungarianMatcher(focal=True, cost_mask=5.0, cost_dice=5.0)(outputs, targets)
     assert matched[0][0].tolist() == [1] and matched[1][0].tolist() == []
+
+
+@pytest.mark.parametrize("mode", ["none", "masked+boxes"])
+def test_one_model_trains_boxes_and_masks_in_every_layer(batch, mode):
+    """The segmenter keeps the detector's box head and losses, with or without masked attention:
+    one export detects and segments."""
+    torch.manual_seed(0)
+    model = build_segmenter(SegmenterConfig(tiny_detector_config(two_stage=True, box_refine=True),
+                                            MaskHeadConfig(mask_dim=16), mask_attention=mode)).train()
+    images, padding_mask = batch
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]),
+                "masks": torch.rand(2, 70, 90) > 0.5} for _ in range(2)]
+    criterion = SetCriterion(num_classes=5, matcher=HungarianMatcher(focal=True), focal=True,
+                             mask_loss=MaskLossConfig(num_points=64))
+    losses = criterion(model(images, padding_mask), targets, canvas_size=(70, 90))
+    for suffix in ("", "_0"):
+        assert {f"loss_bbox{suffix}", f"loss_giou{suffix}", f"loss_mask{suffix}", f"loss_dice{suffix}"} <= set(losses)
+    assert "loss_bbox_enc" in losses
+    (losses["loss_bbox"] + losses["loss_mask"]).backward()
+    assert model.bbox_embed[-2].layers[-1].weight.grad.abs().sum() > 0
+    assert model.mask_embed.layers[-1].weight.grad.abs().sum() > 0

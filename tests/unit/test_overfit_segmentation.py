@@ -58,14 +58,15 @@ def synthetic_scenes():
     return images, torch.zeros(2, SIDE, SIDE, dtype=torch.bool), targets, panoptic
 
 
-def tiny_segmenter() -> torch.nn.Module:
+def tiny_segmenter(mask_attention: str = "none") -> torch.nn.Module:
     detector = DetectorConfig(
         kind="deformable", num_classes=4, num_queries=12, hidden_dim=64, num_feature_levels=3,
         enc_layers=1, dec_layers=2, nheads=4, enc_n_points=2, dec_n_points=2, dim_feedforward=128,
         dropout=0.0, box_refine=True,
         backbone=BackboneConfig(name="resnet10t", out_strides=[8, 16, 32], frozen_bn=True),
     )
-    return build_segmenter(SegmenterConfig(detector, MaskHeadConfig(mask_dim=64, pixel_stride=4)))
+    return build_segmenter(SegmenterConfig(detector, MaskHeadConfig(mask_dim=64, pixel_stride=4),
+                                           mask_attention=mask_attention))
 
 
 def panoptic_quality(model, images, padding_mask, panoptic) -> float:
@@ -82,10 +83,11 @@ def panoptic_quality(model, images, padding_mask, panoptic) -> float:
 
 
 @pytest.mark.slow
-def test_tiny_segmenter_overfits_two_images_to_pq_above_0_8():
+@pytest.mark.parametrize("mask_attention", ["none", "masked"])
+def test_tiny_segmenter_overfits_two_images_to_pq_above_0_8(mask_attention):
     torch.manual_seed(0)
     images, padding_mask, targets, panoptic = synthetic_scenes()
-    model = tiny_segmenter().train()
+    model = tiny_segmenter(mask_attention).train()
     criterion = SetCriterion(num_classes=4, matcher=HungarianMatcher(focal=True), focal=True,
                              mask_loss=MaskLossConfig(num_points=256))
     weights = LossWeights(ce=2.0, bbox=5.0, giou=2.0, mask=5.0, dice=5.0)
