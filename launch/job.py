@@ -32,6 +32,7 @@ from typing import Any
 import submitit
 from submitit.helpers import DelayedSubmission
 
+from pipeline import dist
 from pipeline.atomic import write_json_atomic
 from pipeline.run_folder import STOP_FILE
 
@@ -214,11 +215,22 @@ def job_context(run_folder: str | Path, export_env: bool) -> JobContext:
             # pipeline.dist picks the GPU from LOCAL_RANK, so every rank keeps seeing all devices.
             submitit.helpers.TorchDistributedEnvironment().export(
                 set_cuda_visible_devices=False, overwrite=True)
+            _export_rendezvous(job_env.hostnames[0], job_env.job_id)
         job_id = job_env.job_id
         rank, world_size, local_rank = job_env.global_rank, job_env.num_tasks, job_env.local_rank
     return JobContext(run_folder=str(run_folder), stop_file=str(Path(run_folder) / STOP_FILE_NAME),
                       job_id=job_id, restart_count=_restart_count(run_folder, job_id),
                       rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _export_rendezvous(first_node: str, job_id: str) -> None:
+    """MASTER_ADDR/MASTER_PORT from SLURM's node list and job id, replacing submitit's: its
+    address is the node's name, which several slurmd on one host do not make resolvable, and
+    its port is drawn at random from the job id, so two jobs on one host may draw the same."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    os.environ["MASTER_ADDR"] = dist.node_address(first_node)
+    os.environ["MASTER_PORT"] = str(dist.slurm_master_port(os.environ.get("SLURM_JOB_ID", job_id)))
 
 
 def _restart_count(run_folder: str | Path, job_id: str) -> int:

@@ -20,7 +20,7 @@ def all_reduce_ranks(job: JobContext) -> dict[str, Any]:
     """Sum ``rank + 1`` over all ranks with gloo; returns what this rank saw.
 
     Returns {"rank", "world_size", "total" (= world_size * (world_size + 1) / 2), "master_addr",
-    "master_port", "cuda_visible_devices"}.
+    "master_port", "cuda_visible_devices", "node" (the SLURM node, None outside SLURM)}.
     """
     import torch
     import torch.distributed as dist
@@ -32,7 +32,8 @@ def all_reduce_ranks(job: JobContext) -> dict[str, Any]:
         return {"rank": dist.get_rank(), "world_size": dist.get_world_size(),
                 "total": float(value.item()), "master_addr": os.environ["MASTER_ADDR"],
                 "master_port": int(os.environ["MASTER_PORT"]),
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "node": os.environ.get("SLURMD_NODENAME")}
     finally:
         dist.destroy_process_group()
 

@@ -34,10 +34,14 @@ ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
 
 
 def stage_cluster(cluster: ClusterConfig, spec: StageSpec) -> ClusterConfig:
-    """One task per GPU on GPU clusters; on CPU-only partitions the stage's `processes`."""
+    """One task per GPU on GPU clusters; on CPU-only partitions the stage's `processes`, spread
+    evenly over the cluster file's nodes (2 processes on `nodes: 2`: one task per node)."""
     if cluster.gpus_per_node:
         return cluster
-    return dataclasses.replace(cluster, tasks_per_node=spec.processes)
+    if spec.processes % cluster.nodes:
+        raise ExecutorError(f"stage {spec.name}: processes={spec.processes} cannot be spread "
+                            f"evenly over nodes={cluster.nodes}; make it a multiple of the nodes")
+    return dataclasses.replace(cluster, tasks_per_node=spec.processes // cluster.nodes)
 
 
 def _jobs_path(pipeline: Pipeline, workdir: Path) -> Path:
@@ -188,18 +192,31 @@ def _error_line(job: dict) -> str:
     return errors[-1][:300] if errors else ""
 
 
+def slurm_nodes(job_ids: list[str]) -> dict[str, str]:
+    """job id -> the (compressed) node list its last attempt ran on, e.g. "n[1-2]"; absent for
+    jobs that never got nodes."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,NodeList", "-j",
+                          ",".join(job_ids)], capture_output=True, text=True, timeout=30)
+    pairs = (line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+    return {job_id: nodes for job_id, nodes in pairs if nodes and nodes != "None assigned"}
+
+
 def job_states(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
-    """stage -> "job ID STATE (reason)", for `detrforge status`."""
+    """stage -> "job ID STATE on NODES (reason)", for `detrforge status`."""
     jobs = read_jobs(pipeline, workdir)
+    ids = [j["job_id"] for j in jobs.values()]
     try:
-        states = slurm_states([j["job_id"] for j in jobs.values()])
-        reasons = squeue_reasons([j["job_id"] for j in jobs.values()])
+        states, reasons, nodes = slurm_states(ids), squeue_reasons(ids), slurm_nodes(ids)
     except (OSError, subprocess.SubprocessError):
-        states, reasons = {}, {}
-    return {stage: _describe(job, states, reasons) for stage, job in jobs.items()}
+        states, reasons, nodes = {}, {}, {}
+    return {stage: _describe(job, states, reasons, nodes.get(job["job_id"]))
+            for stage, job in jobs.items()}
 
 
-def _describe(job: dict, states: dict[str, tuple[str, str]], reasons: dict[str, str]) -> str:
+def _describe(job: dict, states: dict[str, tuple[str, str]], reasons: dict[str, str],
+              nodes: str | None = None) -> str:
     state, reason = states.get(job["job_id"], ("UNKNOWN", ""))
     reason = reasons.get(job["job_id"]) or reason
     after_state = states.get(job.get("after") or "", ("UNKNOWN", ""))[0]
@@ -210,7 +227,7 @@ def _describe(job: dict, states: dict[str, tuple[str, str]], reasons: dict[str, 
         reason == "DependencyNeverSatisfied"
         or (reason == "Dependency" and job["job_id"] not in reasons
             and after_state not in ("COMPLETED", "UNKNOWN")))
-    text = f"job {job['job_id']} {state}"
+    text = f"job {job['job_id']} {state}" + (f" on {nodes}" if nodes else "")
     if state == "PENDING" and reason not in ("", "None", "(null)"):
         text += f" ({reason})"
     if state.startswith(("FAILED", "NODE_FAIL", "OUT_OF_MEMORY")):

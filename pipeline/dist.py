@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -141,6 +142,35 @@ def _first_slurm_host(nodelist: str) -> str:
     return expand_nodelist(nodelist)[0]
 
 
+def node_address(node: str) -> str:
+    """An address for SLURM node ``node``: the name itself when it resolves (a real cluster),
+    else the node's ``NodeAddr`` from ``scontrol show node`` (several slurmd on one host serve
+    node names such as n1, n2 that no resolver here knows: they live at the host's address)."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except (socket.gaierror, UnicodeError):
+        pass
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout
+        except (subprocess.SubprocessError, OSError):
+            out = ""
+        found = re.search(r"\bNodeAddr=(\S+)", out)
+        if found:
+            return found.group(1)
+    return node  # may resolve on the compute nodes only
+
+
+def slurm_master_port(job_id: str) -> int:
+    """The rendezvous port of SLURM job ``job_id``: 20000 + id % 20000, so jobs that share a
+    host (several slurmd on one machine, or two jobs on one node) rarely collide, and a requeued
+    job (same id) finds its port again. Array tasks have ids of their own (SLURM_JOB_ID)."""
+    digits = re.sub(r"\D", "", job_id.split("_")[0]) if job_id else ""
+    return 20000 + int(digits) % 20000 if digits else DEFAULT_MASTER_PORT
+
+
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """DistEnv from torchrun variables, else SLURM variables, else a single process.
 
@@ -160,13 +190,12 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         job_id = env.get("SLURM_JOB_ID", "0")
         # A per-job port keeps two jobs sharing a node from colliding on the rendezvous.
-        default_port = 20000 + int(job_id) % 20000 if job_id.isdigit() else DEFAULT_MASTER_PORT
         return DistEnv(
             rank=_int_var(env, "SLURM_PROCID"),
             world_size=_int_var(env, "SLURM_NTASKS"),
             local_rank=_int_var(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
-            master_port=port or default_port,
+            master_addr=env.get("MASTER_ADDR") or node_address(_first_slurm_host(nodelist)),
+            master_port=port or slurm_master_port(job_id),
         )
     return DistEnv()
 

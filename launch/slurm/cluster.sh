@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on localhost for the tests and for trying `detrforge submit`.
+# A SLURM cluster on localhost for the tests and for trying `detrforge submit`: one node
+# ("localhost"), or with `up --nodes N` (N <= 4) N nodes n1..nN, each its own slurmd on this host.
 #
-#   launch/slurm/cluster.sh install | up | down | status | purge | env | mlflow-uri [DATABASE]
+#   launch/slurm/cluster.sh install | up [--nodes N] | down | status | purge | env | mlflow-uri [DATABASE]
 #
 # Everything the cluster owns (configuration, spool, logs, pid files, the munge key and socket, a
 # private MariaDB for accounting) lives under one folder: $DETRFORGE_SLURM_HOME, by default
@@ -29,6 +30,8 @@ MARIADB_PORT=$((PORT_BASE + 3))
 CLUSTER_NAME=detrforge
 ACCOUNT=detrforge
 UP_TIMEOUT_S=${DETRFORGE_SLURM_UP_TIMEOUT_S:-90}
+NODES=1
+MAX_NODES=4
 
 ETC=$SLURM_HOME/etc
 RUN=$SLURM_HOME/run
@@ -43,7 +46,7 @@ export SLURM_CONF=$ETC/slurm.conf
 export PATH=$PATH:/usr/sbin:/sbin
 
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
-DAEMONS_START_ORDER=(munged mariadbd slurmdbd slurmctld slurmd)
+DAEMONS_START_ORDER=(munged mariadbd slurmdbd slurmctld)
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -61,13 +64,28 @@ pid_is_ours() {
         | grep -qF -- "$SLURM_HOME/"
 }
 
-# Prints the PID of our running daemon NAME (from its pid file) or fails.
+# Prints the PID of our running daemon NAME (from its pid file) or fails. A slurmd's pid file is
+# named after its node (slurmd-n1) when several run here; its process is still called slurmd.
 daemon_pid() {
     local name=$1 file pid
     file=$(pid_file "$name")
     [[ -f $file ]] || return 1
     pid=$(tr -dc '0-9' <"$file")
-    pid_is_ours "$pid" "$name" && echo "$pid"
+    pid_is_ours "$pid" "${name%%-*}" && echo "$pid"
+}
+
+# The slurmd pid-file names this folder holds (slurmd, slurmd-n1, ...), running or not.
+slurmd_names() {
+    local file
+    for file in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do
+        [[ -e $file ]] && basename "$file" .pid
+    done
+    return 0
+}
+
+# The slurmd names of the configured nodes.
+wanted_slurmds() {
+    if ((NODES == 1)); then echo slurmd; else node_names | sed 's/^/slurmd-/'; fi
 }
 
 wait_gone() {  # PID SECONDS
@@ -165,7 +183,7 @@ replace_if_changed() {
 
 any_daemon_running() {
     local name
-    for name in "${DAEMONS_START_ORDER[@]}"; do daemon_pid "$name" >/dev/null && return 0; done
+    for name in "${DAEMONS_START_ORDER[@]}" $(slurmd_names); do daemon_pid "$name" >/dev/null && return 0; done
     return 1
 }
 
@@ -174,6 +192,8 @@ prepare_folder() {
         die "$SLURM_HOME exists, is not empty and was not made by this script; set DETRFORGE_SLURM_HOME to another folder"
     fi
     mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE_DIR" "$MARIADB_DIR" "$SLURM_HOME/spool/slurmctld" "$SLURM_HOME/spool/slurmd"
+    local node
+    for node in $(node_names); do mkdir -p "$SLURM_HOME/spool/slurmd-$node"; done
     touch "$MARKER"
     # munged refuses folders that others may write to.
     chmod 755 "$SLURM_HOME" "$ETC" "$RUN" "$LOG" && chmod 700 "$MUNGE_DIR"
@@ -238,6 +258,8 @@ mlflow_uri() { echo "mysql+pymysql://$MLFLOW_DB_USER:$MLFLOW_DB_PASSWORD@127.0.0
 start_slurmdbd() { slurmdbd </dev/null >>"$LOG/slurmdbd.log" 2>&1; wait_for "slurmdbd" 60 sacctmgr -n -P list cluster; }
 start_slurmctld() { slurmctld -f "$SLURM_CONF" </dev/null >>"$LOG/slurmctld.log" 2>&1; }
 start_slurmd() { slurmd -f "$SLURM_CONF" -N localhost </dev/null >>"$LOG/slurmd.log" 2>&1; }
+# One of several slurmd on this host: `slurmd -N n2` serves node n2 on its own port.
+start_node_slurmd() { slurmd -f "$SLURM_CONF" -N "$1" </dev/null >>"$LOG/slurmd-$1.log" 2>&1; }
 
 wait_for() {  # WHAT SECONDS COMMAND...
     local what=$1 seconds=$2 deadline=$((SECONDS + $2))
@@ -253,7 +275,7 @@ ensure_daemon() {
     if pid=$(daemon_pid "$name"); then return 0; fi
     rm -f "$(pid_file "$name")"
     log "starting $name"
-    "start_$name"
+    case $name in slurmd-*) start_node_slurmd "${name#slurmd-}" ;; *) "start_$name" ;; esac
     wait_for "$name pid file" 30 daemon_pid "$name"
 }
 
@@ -267,19 +289,19 @@ register_accounting() {
         || sacctmgr -i add user root account="$ACCOUNT" cluster="$CLUSTER_NAME" >/dev/null
 }
 
-node_state() { sinfo -h -n localhost -o %T 2>/dev/null | head -n1; }
+node_state() { sinfo -h -n "$1" -o %T 2>/dev/null | head -n1; }
 
 wait_node_ready() {
-    local deadline=$((SECONDS + UP_TIMEOUT_S)) state resumed=0
+    local node=$1 deadline=$((SECONDS + UP_TIMEOUT_S)) state resumed=0
     while :; do
-        state=$(node_state || true)
+        state=$(node_state "$node" || true)
         case $state in idle | mixed | allocated | completing) return 0 ;; esac
         # A node remembered as down or drained from an old state: put it back in service.
         if [[ $state =~ ^(down|drain) ]] && ((!resumed)); then
-            scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
+            scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
             resumed=1
         fi
-        ((SECONDS < deadline)) || die "node 'localhost' is '${state:-unknown}' after ${UP_TIMEOUT_S}s; see $LOG/slurmctld.log and $LOG/slurmd.log"
+        ((SECONDS < deadline)) || die "node '$node' is '${state:-unknown}' after ${UP_TIMEOUT_S}s; see $LOG/slurmctld.log and $LOG/slurmd*.log"
         sleep 0.5
     done
 }
@@ -294,12 +316,12 @@ cmd_up() {
     ensure_mlflow_database
     local fresh_controller=0
     daemon_pid slurmctld >/dev/null || fresh_controller=1
-    for name in slurmctld slurmd; do ensure_daemon "$name"; done
-    wait_node_ready
+    for name in slurmctld $(wanted_slurmds); do ensure_daemon "$name"; done
+    for name in $(node_names); do wait_node_ready "$name"; done
     # A controller that starts again recovers (and requeues) the jobs of its last run, e.g. after
     # a crash or a reboot; on a test cluster they would only hold resources that tests wait for.
     if ((fresh_controller)); then cancel_jobs; fi
-    log "cluster up: node localhost is $(node_state)"
+    log "cluster up: $(sinfo -h -N -o '%N %T' | sort -u | paste -sd, | sed 's/,/, /g')"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
@@ -307,7 +329,8 @@ cmd_up() {
 
 # slurmctld saves its state through slurmdbd, which writes to MariaDB; all of them need munge.
 stop_all_daemons() {
-    stop_daemons slurmd slurmctld
+    # shellcheck disable=SC2046
+    stop_daemons $(slurmd_names) slurmctld
     stop_daemons slurmdbd
     stop_daemons mariadbd munged
 }
@@ -336,9 +359,10 @@ cmd_down() {
 cmd_status() {
     local name pid rc=0
     echo "SLURM_CONF=$SLURM_CONF"
-    for name in "${DAEMONS_START_ORDER[@]}"; do
+    for name in "${DAEMONS_START_ORDER[@]}" $(slurmd_names); do
         if pid=$(daemon_pid "$name"); then echo "$name: running (pid $pid)"; else echo "$name: stopped"; rc=1; fi
     done
+    [[ -n $(slurmd_names) ]] || { echo "slurmd: stopped"; rc=1; }
     if ((rc == 0)); then
         sinfo -N -o "%N %P %T %C %G" || rc=1
         squeue -o "%i %P %j %T %r" || rc=1
@@ -358,13 +382,16 @@ cmd_purge() {
 main() {
     case ${1:-} in
     install) cmd_install ;;
-    up) cmd_up ;;
+    up)
+        if [[ ${2:-} == --nodes ]]; then NODES=${3:-}; elif [[ ${2:-} == --nodes=* ]]; then NODES=${2#--nodes=}; fi
+        [[ $NODES =~ ^[1-9][0-9]*$ ]] && ((NODES <= MAX_NODES)) || die "--nodes must be 1..$MAX_NODES, got '$NODES'"
+        cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
     purge) cmd_purge ;;
     env) echo "export SLURM_CONF=$SLURM_CONF" ;;
     mlflow-uri) mlflow_uri "${2:-mlflow}" ;;
-    *) echo "usage: $0 install|up|down|status|purge|env|mlflow-uri [DATABASE]   (state in \$DETRFORGE_SLURM_HOME, default .cache/slurm)" >&2; exit 2 ;;
+    *) echo "usage: $0 install|up [--nodes N]|down|status|purge|env|mlflow-uri [DATABASE]   (state in \$DETRFORGE_SLURM_HOME, default .cache/slurm)" >&2; exit 2 ;;
     esac
 }
 
