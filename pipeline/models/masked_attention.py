@@ -28,7 +28,10 @@ cross-attention is then restricted to those masks. What "restricted" means here,
   references (``two_stage``). Masked sampling is applied as well.
 
 Not implemented: Mask DINO's unified query selection (masks for the encoder's top-k proposals and
-their loss), and masks for DINO's denoising queries (the segmenter builds on Deformable DETR).
+their loss), masks for DINO's denoising queries (the segmenter builds on Deformable DETR), and
+Mask2Former's loss on the masks of the initial queries: the masks that guide layer 0 come from
+the shared mask head without a loss of their own (every later guiding mask is a supervised
+auxiliary prediction).
 
 ``MaskGuidance`` is the decoder's ``layer_hook``; it keeps the mask logits it computed, so that
 the segmenter reuses them as the per-layer "pred_masks" instead of computing them twice.
