@@ -31,15 +31,15 @@ $(STAMP): pyproject.toml tools/fix_torchvision_cpu.py
 demo: install
 	$(BIN)/detrforge demo --workdir $(WORKDIR)
 
-# CI's command: lint, then the fast suite, including the tests on a real single-node SLURM
+# CI's command: lint, then the fast suite, including the tests on a real two-node SLURM
 # cluster that launch/slurm/cluster.sh installs (Debian packages, needs root) and starts here.
 # Off CI a machine without root skips the `slurm` tests with a reason; on CI it must start.
 test: install
 	$(BIN)/python -m ruff check .
 	@command -v chromium >/dev/null || apt-get install -y chromium >/dev/null \
 		|| echo "chromium not installed (needs root): the MLflow UI browser test skips"
-	@if [ "$$CI" = "true" ]; then launch/slurm/cluster.sh up; \
-	else launch/slurm/cluster.sh up || echo "SLURM test cluster not started: slurm tests skip"; fi
+	@if [ "$$CI" = "true" ]; then launch/slurm/cluster.sh up --nodes 2; \
+	else launch/slurm/cluster.sh up --nodes 2 || echo "SLURM test cluster not started: slurm tests skip"; fi
 	SLURM_CONF=$(SLURM_CONF) $(BIN)/python -m pytest -m "not slow and not gpu" tests; \
 	rc=$$?; launch/slurm/cluster.sh down >/dev/null 2>&1; exit $$rc
 

@@ -57,7 +57,7 @@ from pipeline.tracking import (
     shard_datasets,
     version_description,
 )
-from stages.ema import EmaUpdate, StageEmaConfig, build_ema, ema_state_dict, ema_weights
+from stages.ema import EmaUpdate, StageEmaConfig, with_ema
 
 log = logging.getLogger("detrforge.stage")
 
@@ -79,8 +79,7 @@ class TrainConfig:
     processes: int = 1  # ranks `detrforge run` starts on this machine (SLURM: the cluster file)
     max_nonfinite_in_a_row: int = 5  # non-finite losses in a row before the stage stops
     progress_bar: bool = True  # rank 0 shows step, loss, lr, images/s, ETA
-    # Weight EMA: when enabled, every evaluation and the export use the averaged weights.
-    ema: StageEmaConfig = field(default_factory=StageEmaConfig)
+    ema: StageEmaConfig = field(default_factory=StageEmaConfig)  # weight EMA (stages/ema.py)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every", "checkpoint_every", "keep_last", "processes",
@@ -168,17 +167,14 @@ def _write_done(run_dir: Path, record: dict) -> None:
 def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strategy: Strategy,
                tracker: Tracker, save: SaveFn, save_diverged: SaveFn,
                ema: EmaUpdate | None = None) -> list[Callback]:
-    """The hooks, in the order they run at each step (the EMA update, then evaluation, then the
-    step's save)."""
+    """The hooks, in the order they run at each step (EMA, evaluation, then the step's save)."""
     stop = StopOnRequest(ctx.stop_file)
     stop.install_signal_handlers()
-    callbacks: list[Callback] = [MetricLogger(tracker, every_steps=train.log_every)]
-    if ema is not None:
-        callbacks.append(ema)
+    callbacks: list[Callback] = [MetricLogger(tracker, every_steps=train.log_every),
+                                 *([ema] if ema is not None else [])]
     if train.eval_every:
         callbacks.append(PeriodicEval(
-            lambda state: _eval_and_log(parts, strategy, tracker, state.step, ema, train.ema),
-            train.eval_every))
+            lambda state: _eval_and_log(parts, strategy, tracker, state.step), train.eval_every))
     callbacks += [NonFiniteGuard(train.max_nonfinite_in_a_row, save=save_diverged),
                   PeriodicCheckpoint(save, train.checkpoint_every, at_end=True), stop]
     if train.progress_bar and dist.is_main():
@@ -206,18 +202,11 @@ def _with_group_lrs(step_out: tuple[torch.Tensor, dict[str, float]], strategy: S
     return loss, metrics
 
 
-def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int,
-                  ema: EmaUpdate | None = None,
-                  ema_cfg: StageEmaConfig | None = None) -> dict[str, float]:
-    """Evaluate (with the EMA weights when there is an EMA) and log as eval/<metric>."""
+def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int) -> dict[str, float]:
     _share_rank0_buffers(strategy.module)
     strategy.eval()
     with torch.no_grad():
-        if ema is not None and ema_cfg is not None and ema_cfg.eval_raw:
-            raw = parts.evaluate(strategy)
-            tracker.log_metrics({f"eval_raw/{k}": v for k, v in raw.items()}, step)
-        with ema_weights(ema, strategy.module):
-            metrics = parts.evaluate(strategy)
+        metrics = parts.evaluate(strategy)
     strategy.train()
     tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
     return metrics
@@ -250,6 +239,10 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     parts = build_parts(env)
     state = TrainState()
 
+    # optim.scale_lr_with_batch: lr for this run's global batch (param_groups in derived show it).
+    global_batch = parts.micro_batch_size * env.world_size * strategy_cfg.grad_accum_steps
+    optim = optim.for_global_batch(global_batch)
+
     def make_strategy(model: nn.Module) -> Strategy:
         return build_strategy(strategy_cfg, model, optim, parts.micro_batch_size, env,
                               total_steps=train.max_steps, group_of=parts.group_of)
@@ -262,7 +255,7 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
         write_resolved(cfg, run.config_path, extra=derived)
     tracker = _start_tracker(ctx, cfg, tracking, env, run, state, outcome, derived)
     checkpointer = Checkpointer(run, strategy, loader=parts.loader, keep_last=train.keep_last)
-    ema = build_ema(train.ema, strategy.module)
+    ema, parts = with_ema(train.ema, strategy.module, parts, tracker, state)
     callbacks = _callbacks(ctx, train, parts, strategy, tracker, checkpointer.save,
                            checkpointer.save_diverged, ema)
     named = stateful_callbacks(callbacks)
@@ -279,9 +272,9 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
         tracker.flush()
         return StageResult(ctx.stage, "stopped", start=outcome.kind, run_id=tracker.run_id,
                            seconds=time.time() - started)
-    metrics = _final_metrics(callbacks, state.step) or _eval_and_log(
-        parts, strategy, tracker, state.step, ema, train.ema)
-    stage_result = _finish(ctx, cfg, parts, strategy, tracker, metrics, outcome.kind, inputs, ema)
+    metrics = _final_metrics(callbacks, state.step) or _eval_and_log(parts, strategy, tracker,
+                                                                      state.step)
+    stage_result = _finish(ctx, cfg, parts, strategy, tracker, metrics, outcome.kind, inputs)
     stage_result.seconds = time.time() - started
     dist.barrier()
     return stage_result
@@ -352,11 +345,9 @@ def _log_lineage(ctx: StageContext, cfg: Any, tracker: Tracker, inputs: dict | N
 
 
 def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, tracker,
-            metrics: dict[str, float], start: str, inputs: dict | None,
-            ema: EmaUpdate | None = None) -> StageResult:
-    """Export (every rank gathers ZeRO shards; the EMA weights when there is an EMA), then rank 0
-    writes, registers and records."""
-    state_dict = ema_state_dict(ema, strategy.consolidated_state_dict())
+            metrics: dict[str, float], start: str, inputs: dict | None) -> StageResult:
+    """Export (every rank gathers ZeRO shards), then rank 0 writes, registers and records."""
+    state_dict = strategy.consolidated_state_dict()
     if parts.export_state is not None:
         state_dict = parts.export_state(state_dict)
     result = StageResult(ctx.stage, "done", metrics=metrics, main_metric=parts.main_metric,

@@ -7,14 +7,16 @@ The model decides which group each parameter belongs to (``group_of(name)``, e.g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from pipeline.engine.schedule import SCHEDULES, make_lr_lambda
 
+LR_SCALINGS = ("none", "linear", "sqrt")
 NO_DECAY_MODULES = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
     nn.Embedding, nn.EmbeddingBag,
@@ -40,6 +42,10 @@ class OptimizerConfig:
     milestones: list[int] = field(default_factory=list)  # "step" schedule: steps where lr *= gamma
     gamma: float = 0.1  # "step" schedule: factor at each milestone
     min_lr_ratio: float = 0.0  # "cosine" schedule: final lr as a fraction of the base lr
+    # How lr follows the global batch size (micro batch x ranks x accumulation): "none" keeps lr
+    # (DETR's recipes), "linear" multiplies it by global/base_batch_size, "sqrt" by the root.
+    scale_lr_with_batch: str = "none"
+    base_batch_size: int = 0  # the global batch size `lr` was tuned for (needed when scaling)
 
     def __post_init__(self) -> None:
         where = "engine/optim.py OptimizerConfig"
@@ -60,6 +66,23 @@ class OptimizerConfig:
             raise ValueError(f"{where}: milestones must be increasing, got {self.milestones}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{where}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.scale_lr_with_batch not in LR_SCALINGS:
+            raise ValueError(f"{where}: scale_lr_with_batch {self.scale_lr_with_batch!r} is not "
+                             f"one of {LR_SCALINGS}")
+        if self.scale_lr_with_batch != "none" and self.base_batch_size < 1:
+            raise ValueError(f"{where}: scale_lr_with_batch={self.scale_lr_with_batch} needs "
+                             "optim.base_batch_size (the global batch size lr was tuned for)")
+
+    def scaled_lr(self, global_batch_size: int) -> float:
+        """``lr`` for a run whose global batch is ``global_batch_size`` (see scale_lr_with_batch)."""
+        if self.scale_lr_with_batch == "none":
+            return self.lr
+        ratio = global_batch_size / self.base_batch_size
+        return self.lr * (ratio if self.scale_lr_with_batch == "linear" else math.sqrt(ratio))
+
+    def for_global_batch(self, global_batch_size: int) -> OptimizerConfig:
+        """This config with ``lr`` scaled for ``global_batch_size`` (what the optimizer uses)."""
+        return replace(self, lr=self.scaled_lr(global_batch_size), scale_lr_with_batch="none")
 
     def lr_mults(self) -> dict[str, float]:
         """lr multiplier of each parameter group name a model may return."""
