@@ -214,3 +214,15 @@ def test_configs_reject_unknown_modes_and_boxes_without_two_stage():
     with pytest.raises(ValueError, match="two_stage"):
         tiny_config("masked+boxes", two_stage=False)
     assert tiny_config("masked", two_stage=False).mask_attention == "masked"
+
+
+def test_an_export_rebuilds_with_its_mask_attention():
+    import dataclasses
+
+    from pipeline.inference.model_io import build_model, spec_from_meta
+
+    cfg = tiny_config("masked+boxes")
+    meta = {"kind": "segmenter", "segmenter": dataclasses.asdict(cfg), "class_names": list("abcde")}
+    spec = spec_from_meta(meta)
+    assert spec.model_cfg.mask_attention == "masked+boxes"
+    assert build_model(spec).segmenter_cfg.mask_attention == "masked+boxes"
