@@ -25,6 +25,7 @@ from launch.graph import (
     stage_status,
 )
 from launch.stage_main import RESULT_FILE, stage_spec
+from launch.summary import write_reports
 from stages.common import read_done
 
 CONFIGS_DIR = Path(configs.__file__).resolve().parent
@@ -97,33 +98,13 @@ def _run_locked(pipeline: Pipeline, selected: list[StageSpec], workdir: Path, fo
         if result["status"] != "done":
             break
     failed = any(r["status"] in ("failed", "stopped") for r in rows)
-    table = write_summary(pipeline, rows, workdir)
+    reports = write_reports(pipeline, rows, workdir)  # summary.md|json, curves.md|json|png
     if parent is not None:
-        parent.log_artifact(table)
-        parent.log_artifact(table.with_suffix(".json"))
+        for report in reports:
+            parent.log_artifact(report)
         parent.finish("FAILED" if failed else "FINISHED")
     print_summary(pipeline, rows, workdir)
     return 1 if failed else 0
-
-
-SUMMARY_METRICS = ("top1", "top5", "AP", "AP50", "APs", "APm", "APl", "PQ", "mIoU", "segm_AP")
-
-
-def write_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> Path:
-    """summary.md (a table of every stage's main numbers) + summary.json in the pipeline folder."""
-    folder = Path(workdir) / pipeline.name
-    folder.mkdir(parents=True, exist_ok=True)
-    shown = [m for m in SUMMARY_METRICS if any(m in (r.get("metrics") or {}) for r in rows)]
-    lines = ["| stage | status | " + " | ".join(shown) + " |",
-             "|---|---|" + "---|" * len(shown)]
-    for row in rows:
-        metrics = row.get("metrics") or {}
-        cells = [f"{metrics[m]:.3f}" if m in metrics else "-" for m in shown]
-        lines.append(f"| {row['stage']} | {row['status']} | " + " | ".join(cells) + " |")
-    table = folder / "summary.md"
-    table.write_text("\n".join(lines) + "\n")
-    (folder / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
-    return table
 
 
 def _start_parent(pipeline: Pipeline, workdir: Path):

@@ -8,9 +8,11 @@ back after each evaluation, so the optimizer never sees the average.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,3 +61,27 @@ def ema_state_dict(ema: EmaUpdate | None, state: dict[str, torch.Tensor]) -> dic
         return state
     return {name: (ema.ema.shadow[name].detach().to("cpu", torch.float32).clone()
                    if name in ema.ema.shadow else tensor) for name, tensor in state.items()}
+
+
+def with_ema(cfg: StageEmaConfig, module: nn.Module, parts: Any, tracker: Any,
+             state: Any) -> tuple[EmaUpdate | None, Any]:
+    """The EMA callback (None when disabled) and the stage's parts evaluating and exporting with
+    its weights; with `eval_raw`, each evaluation first scores the training weights too, logged
+    as eval_raw/<metric> at the current step (`state.step`)."""
+    ema = build_ema(cfg, module)
+    if ema is None:
+        return None, parts
+    evaluate, export_state = parts.evaluate, parts.export_state
+
+    def evaluate_ema(strategy: Any) -> dict[str, float]:
+        if getattr(cfg, "eval_raw", False):
+            raw = evaluate(strategy)
+            tracker.log_metrics({f"eval_raw/{k}": v for k, v in raw.items()}, state.step)
+        with ema_weights(ema, strategy.module):
+            return evaluate(strategy)
+
+    def export_ema(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = ema_state_dict(ema, weights)
+        return export_state(weights) if export_state is not None else weights
+
+    return ema, dataclasses.replace(parts, evaluate=evaluate_ema, export_state=export_ema)
