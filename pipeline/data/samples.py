@@ -2,7 +2,8 @@
 
 ``make_samples(out, size, seed)`` writes::
 
-    out/classify/{train,val}/   shards (<key>.jpg + <key>.cls), _info.json   12 texture/shape classes
+    out/classify/{train,val}/   shards (<key>.jpg + <key>.cls), _info.json   20 object kinds, one
+                                object per image (the detection things and variants of them)
     out/detect/{train,val}/     shards (<key>.jpg + <key>.json), _info.json  7 thing classes
     out/detect/annotations/     instances_<split>.json (RLE masks), panoptic_<split>.json and
                                 panoptic_<split>/*.png (COCO panoptic: id = R + 256 G + 256^2 B,
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data import synthetic
+from pipeline.data import objects, synthetic
 from pipeline.data.convert import ConversionSummary, coco_to_shards, imagefolder_to_shards
 from pipeline.data.errors import DataError
 
@@ -54,12 +55,12 @@ SIZES = {
         "domain": SampleSetSize(16, 8, 96, 8),
     },
     "small": {
-        "classify": SampleSetSize(600, 100, 64, 100),
+        "classify": SampleSetSize(3000, 400, 112, 250),
         "detect": SampleSetSize(300, 40, 128, 50),
         "domain": SampleSetSize(200, 40, 128, 50),
     },
     "medium": {
-        "classify": SampleSetSize(6000, 1000, 64, 500),
+        "classify": SampleSetSize(30000, 4000, 112, 1000),
         "detect": SampleSetSize(3000, 400, 128, 250),
         "domain": SampleSetSize(2000, 400, 128, 250),
     },
@@ -76,9 +77,9 @@ def _save_jpeg(array: np.ndarray, path: Path) -> None:
 
 def _classify_image(args: tuple) -> None:
     raw, seed, split, index, side = args
-    label = index % len(synthetic.CLASSIFY_CLASSES)
-    image = synthetic.render_classify_image(_rng(seed, "classify", split, index), label, side)
-    _save_jpeg(image, raw / synthetic.CLASSIFY_CLASSES[label] / f"{index:06d}.jpg")
+    label = index % len(objects.CLASSIFY_CLASSES)
+    image = objects.render_object_image(_rng(seed, "classify", split, index), label, side)
+    _save_jpeg(image, raw / objects.CLASSIFY_CLASSES[label] / f"{index:06d}.jpg")
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -215,7 +216,7 @@ def _make_set(
     shutil.rmtree(raw, ignore_errors=True)
     shutil.rmtree(root / "annotations" / f"panoptic_{split}", ignore_errors=True)
     if set_name == "classify":
-        for name in synthetic.CLASSIFY_CLASSES:
+        for name in objects.CLASSIFY_CLASSES:
             (raw / name).mkdir(parents=True, exist_ok=True)
         _map(_classify_image, [(raw, seed, split, i, spec.side) for i in range(count)], workers)
         return imagefolder_to_shards(

@@ -1,4 +1,7 @@
-"""Renderers of the generated sample sets: textures/shapes, cluttered scenes, aerial scenes.
+"""Renderers of the generated detection sets: cluttered outdoor scenes and aerial scenes.
+
+The classification set (:mod:`pipeline.data.objects`) draws its objects with the shapes,
+textures and backgrounds defined here.
 
 Each renderer is a pure function of a ``numpy.random.Generator``. Difficulty comes from random
 colours (shape and texture decide the class, not colour), sizes spanning an order of magnitude,
@@ -11,11 +14,6 @@ import numpy as np
 
 from pipeline.data import scenes
 from pipeline.data.scenes import Scene
-
-CLASSIFY_CLASSES = (
-    "stripes_horizontal", "stripes_vertical", "stripes_diagonal", "checkerboard", "dots",
-    "blotches", "circle", "square", "triangle", "ring", "cross", "star",
-)  # fmt: skip
 
 # Thing categories of the detection set; ids have gaps on purpose, as COCO's do.
 DETECT_THINGS = (
@@ -44,71 +42,7 @@ AERIAL_THINGS = (
 )  # fmt: skip
 
 
-def _texture_pattern(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """(size, size) weight in [0, 1] for the texture classes 0..5."""
-    period = rng.uniform(4, 12)
-    phase = rng.uniform(0, 1)
-    if label == 0:
-        return scenes.stripes(size, size, period, np.pi / 2 + rng.normal(0, 0.08), phase)
-    if label == 1:
-        return scenes.stripes(size, size, period, rng.normal(0, 0.08), phase)
-    if label == 2:
-        return scenes.stripes(size, size, period, rng.choice([np.pi / 4, 3 * np.pi / 4]), phase)
-    if label == 3:
-        return scenes.checker(size, size, period, phase)
-    if label == 4:
-        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-        return ((np.sin(xs * 2 * np.pi / period) * np.sin(ys * 2 * np.pi / period)) > 0.5).astype(
-            np.float32
-        )
-    return (scenes.smooth_noise(rng, size, size, int(rng.integers(4, 9))) > 0.5).astype(np.float32)
-
-
-def _shape_mask(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """(size, size) bool mask for the shape classes 6..11, random position, scale and angle."""
-    r = rng.uniform(0.2, 0.4) * size
-    cx, cy = rng.uniform(r, size - r, size=2)
-    rot = rng.uniform(0, 2 * np.pi)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if label == 6:
-        return scenes.shape_mask(size, size, lambda d: d.ellipse(box, fill=255))
-    if label == 7:
-        return scenes.shape_mask(
-            size, size, lambda d: d.polygon(scenes.regular_polygon(cx, cy, r, 4, rot), fill=255)
-        )
-    if label == 8:
-        return scenes.shape_mask(
-            size, size, lambda d: d.polygon(scenes.regular_polygon(cx, cy, r, 3, rot), fill=255)
-        )
-    if label == 9:
-        width = max(2, int(r * 0.35))
-        return scenes.shape_mask(size, size, lambda d: d.ellipse(box, outline=255, width=width))
-    if label == 10:
-        arm = scenes.rotated_rect(cx, cy, 2 * r, 0.5 * r, rot)
-        other = scenes.rotated_rect(cx, cy, 2 * r, 0.5 * r, rot + np.pi / 2)
-        return scenes.shape_mask(
-            size, size, lambda d: (d.polygon(arm, fill=255), d.polygon(other, fill=255))
-        )
-    return scenes.shape_mask(
-        size, size, lambda d: d.polygon(scenes.star_polygon(cx, cy, r, rot), fill=255)
-    )
-
-
-def render_classify_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 image of class ``label`` (index into CLASSIFY_CLASSES)."""
-    scene = scenes.Scene.empty(size, size)
-    color_a, color_b = scenes.random_color(rng), scenes.random_color(rng)
-    if label < 6:
-        scene.image[:] = scenes.blend(color_a, color_b, _texture_pattern(rng, label, size))
-    else:
-        background = scenes.smooth_noise(rng, size, size, 5) * rng.uniform(0.2, 0.8)
-        scene.image[:] = scenes.blend(color_a, color_b, background)
-        fill = np.broadcast_to(scenes.random_color(rng)[None, None], (size, size, 3))
-        scene.paint(_shape_mask(rng, label, size), fill, None)
-    return scene.to_uint8(rng, noise=8)
-
-
-def _paint_stuff(rng: np.random.Generator, scene: Scene, h: int, w: int) -> None:
+def paint_stuff(rng: np.random.Generator, scene: Scene, h: int, w: int) -> None:
     """Sky above a horizon, ground below, and sometimes a water band at the bottom."""
     horizon = int(h * rng.uniform(0.25, 0.6))
     ys = np.arange(h)[:, None].repeat(w, 1)
@@ -131,7 +65,7 @@ def _paint_stuff(rng: np.random.Generator, scene: Scene, h: int, w: int) -> None
         scene.paint(ys >= shore, water, 103)
 
 
-def _paint_clutter(rng: np.random.Generator, scene: Scene, h: int, w: int, count: int) -> None:
+def paint_clutter(rng: np.random.Generator, scene: Scene, h: int, w: int, count: int) -> None:
     """Unannotated blobs and strokes: belong to the stuff beneath, so detectors must ignore them."""
     for _ in range(count):
         x, y = rng.uniform(0, w), rng.uniform(0, h)
@@ -143,45 +77,74 @@ def _paint_clutter(rng: np.random.Generator, scene: Scene, h: int, w: int, count
         scene.paint(mask, np.broadcast_to(scenes.random_color(rng)[None, None], (h, w, 3)), None)
 
 
-def _thing_mask(rng: np.random.Generator, category_id: int, h: int, w: int) -> np.ndarray:
-    """(h, w) bool full (unoccluded) mask of one thing at a random place, size and angle."""
-    r = rng.uniform(*_THING_SIZES[category_id])
-    cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(0.1 * h, 1.05 * h)
-    rot = rng.uniform(0, 2 * np.pi)
-    if category_id in (1, 9):
+# The shape and the usual texture of each detection thing; the classification set draws the same
+# shapes and textures (and variants of them) through the same functions.
+THING_SHAPES = {1: "disc", 2: "square", 4: "tent", 5: "star", 7: "ring", 9: "disc", 11: "pole"}
+THING_TEXTURES = {1: "plain", 2: "checker", 4: "stripes", 5: "plain", 7: "plain", 9: "plain",
+                  11: "stripes"}  # fmt: skip
+
+
+def shape_at(
+    rng: np.random.Generator,
+    shape: str,
+    centre: tuple[float, float],
+    r: float,
+    rot: float,
+    hw: tuple[int, int],
+    width: float = 0.4,
+) -> np.ndarray:
+    """(h, w) bool mask of one detection-thing shape of radius ``r`` centred at ``centre``.
+
+    ``width``: ring width as a fraction of ``r``; pole thickness is scaled by it / 0.4 (the
+    detection set draws both at 0.4, which keeps its images unchanged).
+    """
+    (cx, cy), (h, w) = centre, hw
+    if shape == "disc":
         return scenes.shape_mask(
             h, w, lambda d: d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
         )
-    if category_id == 2:
+    if shape == "square":
         return scenes.shape_mask(
             h, w, lambda d: d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=255)
         )
-    if category_id == 4:
+    if shape == "tent":
         tri = [
             (cx - r, cy + 0.6 * r),
             (cx + r, cy + 0.6 * r),
             (cx + rng.normal(0, 0.2 * r), cy - r),
         ]
         return scenes.shape_mask(h, w, lambda d: d.polygon(tri, fill=255))
-    if category_id == 5:
+    if shape == "star":
         return scenes.shape_mask(
             h, w, lambda d: d.polygon(scenes.star_polygon(cx, cy, r, rot), fill=255)
         )
-    if category_id == 7:
-        width = max(2, int(0.4 * r))
+    if shape == "ring":
+        ring = max(2, int(width * r))
         return scenes.shape_mask(
-            h, w, lambda d: d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=255, width=width)
+            h, w, lambda d: d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=255, width=ring)
         )
-    bar = scenes.rotated_rect(cx, cy, 2 * r, rng.uniform(2.5, 5), np.pi / 2 + rng.normal(0, 0.3))
+    if shape != "pole":
+        raise ValueError(f"shape_at: unknown shape {shape!r}")
+    thickness = rng.uniform(2.5, 5) * (width / 0.4)
+    bar = scenes.rotated_rect(cx, cy, 2 * r, thickness, np.pi / 2 + rng.normal(0, 0.3))
     return scenes.shape_mask(h, w, lambda d: d.polygon(bar, fill=255))
 
 
-def _thing_pixels(rng: np.random.Generator, category_id: int, h: int, w: int) -> np.ndarray:
-    """(h, w, 3) fill of a thing: random colours, a texture typical of (not unique to) its class."""
+def thing_mask(rng: np.random.Generator, category_id: int, h: int, w: int) -> np.ndarray:
+    """(h, w) bool full (unoccluded) mask of one thing at a random place, size and angle."""
+    r = rng.uniform(*_THING_SIZES[category_id])
+    cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(0.1 * h, 1.05 * h)
+    rot = rng.uniform(0, 2 * np.pi)
+    return shape_at(rng, THING_SHAPES[category_id], (cx, cy), r, rot, (h, w))
+
+
+def texture_pixels(rng: np.random.Generator, texture: str, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) fill of a thing: two random colours mixed by a "plain" (smooth noise),
+    "checker" or "stripes" pattern; colour never tells the class."""
     color_a, color_b = scenes.random_color(rng), scenes.random_color(rng)
-    if category_id == 2:
+    if texture == "checker":
         weight = scenes.checker(h, w, rng.uniform(3, 6)) * 0.7
-    elif category_id in (4, 11):
+    elif texture == "stripes":
         weight = scenes.stripes(h, w, rng.uniform(2, 5), rng.uniform(0, np.pi)) * 0.7
     else:
         weight = scenes.smooth_noise(rng, h, w, 8) * 0.3
@@ -209,15 +172,16 @@ def render_detect_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.nd
     remaining pixels still belong to their segment in the panoptic map).
     """
     scene = Scene.empty(h, w)
-    _paint_stuff(rng, scene, h, w)
-    _paint_clutter(rng, scene, h, w, int(rng.integers(2, 10)))
+    paint_stuff(rng, scene, h, w)
+    paint_clutter(rng, scene, h, w, int(rng.integers(2, 10)))
     drawn = []
     for _ in range(int(rng.integers(1, 7))):
         category_id = int(rng.choice([c["id"] for c in DETECT_THINGS]))
-        mask = _thing_mask(rng, category_id, h, w)
+        mask = thing_mask(rng, category_id, h, w)
         if mask.sum() < 4:
             continue
-        scene.paint(mask, _thing_pixels(rng, category_id, h, w), category_id)
+        pixels = texture_pixels(rng, THING_TEXTURES[category_id], h, w)
+        scene.paint(mask, pixels, category_id)
         drawn.append((len(scene.segment_categories), category_id, int(mask.sum())))
     return scene.to_uint8(rng, noise=6), _visible_instances(scene, drawn, 0.3), scene
 

@@ -44,13 +44,14 @@ def test_classify_samples_need_shape_and_texture(tmp_path):
         shards=str(tmp_path / "classify"),
         batch_size=32,
         num_workers=0,
-        image_size=64,
-        shuffle_buffer=200,
+        image_size=64,  # the images are 112 px; 64 keeps this test quick and is enough to learn
+        crop_scale=[0.5, 1.0],
+        shuffle_buffer=500,
     )
     train, val = build_classification_loader(cfg, "train"), build_classification_loader(cfg, "val")
     model = _small_cnn(train.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(6):
+    for _ in range(3):  # 3 x 3000 images
         model.train()
         for batch in train:
             loss = nn.functional.cross_entropy(model(normalize_images(batch["images"])), batch["labels"])
@@ -59,11 +60,13 @@ def test_classify_samples_need_shape_and_texture(tmp_path):
             optimizer.step()
     model.eval()
     cnn = _accuracy(lambda images: model(images).argmax(1), val)
-    # Nearest class mean of the mean colour: colours are random per image, so near chance (1/12).
-    sums, counts = torch.zeros(12, 3), torch.zeros(12)
+    # Nearest class mean of the mean colour: colours are random per image, so near chance (1/20).
+    classes = train.num_classes
+    sums, counts = torch.zeros(classes, 3), torch.zeros(classes)
     for batch in train:
         sums.index_add_(0, batch["labels"], normalize_images(batch["images"]).mean((2, 3)))
-        counts += torch.bincount(batch["labels"], minlength=12)
+        counts += torch.bincount(batch["labels"], minlength=classes)
     means = sums / counts[:, None]
     colour = _accuracy(lambda images: torch.cdist(images.mean((2, 3)), means).argmin(1), val)
-    assert cnn > 0.2 and colour < 0.15, (cnn, colour)  # chance is 1/12 = 0.083
+    assert classes == 20
+    assert cnn > 0.25 and colour < 0.1, (cnn, colour)  # chance is 1/20 = 0.05

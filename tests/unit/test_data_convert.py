@@ -44,7 +44,7 @@ def test_sample_layout_and_info(samples):
             info = load_shard_info(samples / set_name / split)
             assert info.kind == kind and info.split == split
             assert info.num_samples == sum(1 for _ in _read_set(samples / set_name / split))
-    assert load_shard_info(samples / "classify" / "train").num_classes == 12
+    assert load_shard_info(samples / "classify" / "train").num_classes == 20
     detect = load_shard_info(samples / "detect" / "train")
     assert len(detect.shards) == 3  # 24 images, 8 per shard
     # clean data: the cleaned file that evaluation reads holds exactly the original records
