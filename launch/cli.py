@@ -44,6 +44,20 @@ def _add_pipeline_commands(sub) -> None:
     _add_workdir(submit)
     submit.set_defaults(handler=_cmd_submit)
 
+    sweep = sub.add_parser("sweep", help="run one stage over a grid of overrides (here, or as "
+                                         "a SLURM job array); table, plot, --promote-best")
+    sweep.add_argument("target", help="configs/pipelines/*.yaml or a stage recipe")
+    sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    sweep.add_argument("--stage", required=True, help="the pipeline stage to sweep")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a swept key and its values (repeat for a product grid)")
+    sweep.add_argument("--seeds", help="comma-separated seeds: every point once per seed")
+    sweep.add_argument("--cluster", help="configs/clusters/*.yaml: run the points as a job array")
+    sweep.add_argument("--max-parallel", type=int, help="array tasks running at once")
+    sweep.add_argument("--promote-best", metavar="ALIAS", help="alias for the best point's model")
+    _add_workdir(sweep)
+    sweep.set_defaults(handler=_cmd_sweep)
+
     for verb, text in (("status", "show where each stage of a pipeline stands"),
                        ("cancel", "cancel a pipeline's queued or running SLURM jobs")):
         p = sub.add_parser(verb, help=text)
@@ -186,6 +200,14 @@ def _cmd_registry_list(args) -> int:
     for row in rows:
         print(f"{row.name:{width}s} {row.version:>7d}  {', '.join(row.aliases)}")
     return 0
+
+
+def _cmd_sweep(args) -> int:
+    from launch.sweep import run_sweep
+
+    return run_sweep(args.target, args.stage, args.grid, Path(args.workdir), args.overrides,
+                     args.seeds, Path(args.cluster) if args.cluster else None,
+                     args.max_parallel, args.promote_best)
 
 
 def _cmd_registry_promote(args) -> int:
