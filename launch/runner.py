@@ -60,7 +60,8 @@ def run_one_stage(pipeline: Pipeline, spec: StageSpec, workdir: Path, parent_run
     print(f"\n=== stage {spec.name} ({spec.kind}, {spec.processes} process"
           f"{'es' if spec.processes > 1 else ''}) -> {run_dir}", flush=True)
     started = time.time()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    # HF_HUB_OFFLINE is the user's: only backbone.pretrained: true downloads (timm's weights).
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     code = subprocess.run(stage_command(spec, spec_file), env=env).returncode
     result_file = run_dir / RESULT_FILE
     if code != 0 or not result_file.is_file():

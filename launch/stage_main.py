@@ -60,7 +60,6 @@ def run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
 
 def _run_stage(spec: dict[str, Any], job: Any = None) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _use_granted_cpus()
     kind, cfg = load_stage_config(spec["recipe"], spec["overrides"])
     run_dir = Path(spec["workdir"]) / spec["pipeline"] / spec["stage"]

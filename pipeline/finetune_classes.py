@@ -151,7 +151,7 @@ def write_mapped_export(source_export: str | Path, categories: list[dict], out_d
         return out_dir, mapping
     state, meta = load_export(source_export)
     detector = {**meta["detector"], "num_classes": len(names)}
-    detector["backbone"] = {**detector.get("backbone", {}), "weights": None}
+    detector["backbone"] = {**detector.get("backbone", {}), "weights": None, "pretrained": False}
     torch.manual_seed(seed)  # the fresh rows are those the stage would draw with this seed
     cfg = DetectorConfig(**detector)
     fresh = build_detector(dataclasses.replace(cfg)).state_dict()

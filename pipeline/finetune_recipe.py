@@ -65,7 +65,7 @@ def model_section(detector: dict) -> dict:
     """The pretrained architecture; the class count comes from the data, the weights from
     init_from (never a backbone file of the machine it was trained on)."""
     model = {k: v for k, v in detector.items() if k != "num_classes"}
-    model["backbone"] = {**(model.get("backbone") or {}), "weights": None}
+    model["backbone"] = {**(model.get("backbone") or {}), "weights": None, "pretrained": False}
     return model
 
 

@@ -52,7 +52,8 @@ class ModelSpec:
 
 def _without_weights(detector: dict) -> dict:
     # The backbone's start weights were a training input; the export holds every weight.
-    return {**detector, "backbone": {**detector.get("backbone", {}), "weights": None}}
+    backbone = {**detector.get("backbone", {}), "weights": None, "pretrained": False}
+    return {**detector, "backbone": backbone}
 
 
 def spec_from_meta(meta: dict, where: str = META_FILE) -> ModelSpec:

@@ -40,6 +40,9 @@ class BackboneConfig:
     frozen_stages: int = 0  # freeze the first N feature_info stages (stem included in the first); 0 = none
     freeze_steps: int = 0  # the training step keeps the whole backbone frozen for the first K steps
     weights: str | None = None  # local .safetensors/.pth (timm classifier or stage-1 export) or None
+    # timm's published weights for ``name`` (ImageNet-1k/22k), downloaded from the Hugging Face Hub
+    # into its cache on first use; a local ``weights`` file wins (nothing downloaded then).
+    pretrained: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (e.g. depths)
 
     def __post_init__(self) -> None:
@@ -59,8 +62,25 @@ class BackboneBuildError(ValueError):
     """The timm model cannot give the requested feature maps."""
 
 
+class PretrainedWeightsUnavailable(BackboneBuildError):
+    """``pretrained: true`` but timm's weights are neither cached nor downloadable here."""
+
+
+def _unavailable(cfg: BackboneConfig, error: Exception) -> PretrainedWeightsUnavailable:
+    from huggingface_hub import constants
+
+    why = ("HF_HUB_OFFLINE=1 and they are not in the local cache" if constants.HF_HUB_OFFLINE
+           else f"the download failed ({type(error).__name__})")
+    return PretrainedWeightsUnavailable(
+        f"pipeline/models/backbone.py: backbone.pretrained: timm's weights for {cfg.name!r} are not "
+        f"available: {why}; go online (HF_HUB_OFFLINE unset) to download them once, or set "
+        f"backbone.weights: <local .safetensors/.pth> instead"
+    )
+
+
 def create_timm_features(cfg: BackboneConfig) -> nn.Module:
-    """timm ``features_only`` model for ``cfg`` with random init (weights come from local files)."""
+    """timm ``features_only`` model for ``cfg``: timm's published weights with ``pretrained``
+    (and no local ``weights``), else random init (weights then come from local files)."""
     import timm  # imported here: timm imports torchvision, which the position/ops code never needs
 
     kwargs = dict(cfg.model_kwargs)
@@ -69,8 +89,13 @@ def create_timm_features(cfg: BackboneConfig) -> nn.Module:
         kwargs.setdefault("out_indices", 1)  # the last block only: the pyramid is built from it
     elif "swin" in cfg.name:
         kwargs.setdefault("strict_img_size", False)
+    download = cfg.pretrained and not cfg.weights
     try:
-        return timm.create_model(cfg.name, pretrained=False, features_only=True, **kwargs)
+        return timm.create_model(cfg.name, pretrained=download, features_only=True, **kwargs)
+    except OSError as error:  # the Hub's "not cached / cannot connect" errors are OSErrors
+        if download:
+            raise _unavailable(cfg, error) from None
+        raise
     except (RuntimeError, AssertionError) as error:  # timm's errors for unknown names / indices
         raise BackboneBuildError(f"pipeline/models/backbone.py: timm cannot build {cfg.name!r}: {error}") from error
 

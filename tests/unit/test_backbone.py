@@ -122,3 +122,40 @@ def test_unrelated_weights_are_rejected(tmp_path):
         load_backbone_weights(make("resnet"), path)
     with pytest.raises(WeightsFileError, match="no weights file"):
         load_backbone_weights(make("resnet"), tmp_path / "missing.pth")
+
+
+def test_pretrained_offline_without_cache_is_a_quick_one_line_error(tmp_path, monkeypatch):
+    """pretrained: true never downloads here: offline with an empty cache it says what to do."""
+    import time
+
+    from huggingface_hub import constants
+
+    from launch.errors import is_user_error, one_line
+    from pipeline.models.backbone import PretrainedWeightsUnavailable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(PretrainedWeightsUnavailable) as caught:
+        build_backbone(BackboneConfig(name="resnet18", pretrained=True))
+    assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert "\n" not in message and one_line(caught.value) == message and is_user_error(caught.value)
+    assert "'resnet18'" in message and "HF_HUB_OFFLINE" in message
+    assert "backbone.weights" in message
+    assert not any((tmp_path / "hub").rglob("*.safetensors"))
+
+
+def test_local_weights_win_over_pretrained(tmp_path, monkeypatch):
+    """With a local file nothing is downloaded, even offline with an empty cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    classifier = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    save_file(classifier.state_dict(), str(tmp_path / "w.safetensors"))
+    backbone = build_backbone(
+        BackboneConfig(name="resnet18", pretrained=True, weights=str(tmp_path / "w.safetensors"))
+    )
+    assert torch.equal(backbone.body.conv1.weight, classifier.conv1.weight)
