@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import read_json, write_json_atomic
 from pipeline.run_folder import META_FILE, WEIGHTS_FILE
 from pipeline.tracking import (
     MlflowTracker,
@@ -27,6 +28,7 @@ from pipeline.tracking import (
     experiment_artifact_location,
     import_mlflow,
     mlflow_client,
+    send_unsent,
 )
 
 log = logging.getLogger(__name__)
@@ -312,7 +314,9 @@ def register_export(export_dir: str | Path, name: str, tracking_uri: str,
 def register_run_folder(run_dir: str | Path, tracking_uri: str) -> tuple[str, int, bool]:
     """Register the export of a finished stage whose registration failed (DONE.json with
     `model_version: null`), under the stage's MLflow run when the store knows it, and record the
-    version in DONE.json (atomically). Returns (name, version, registered now)."""
+    version in DONE.json (atomically). The lines of `logs/metrics.jsonl` MLflow never received
+    (the stage finished during an outage) are sent first, registered or not, and a run left
+    RUNNING is ended. Returns (name, version, registered now)."""
     from pipeline.run_folder import RunFolder
     from pipeline.tracking import recorded_run_id
 
@@ -321,43 +325,42 @@ def register_run_folder(run_dir: str | Path, tracking_uri: str) -> tuple[str, in
     meta = _read_json(folder.export_meta_path, "has no export; export it first")
     pipeline = meta.get("pipeline") or folder.root.parent.name
     name = f"{pipeline}.{meta.get('stage') or folder.root.name}"
+    run_id = done.get("mlflow_run_id") or recorded_run_id(folder.root)
+    run_known = bool(run_id) and _run_exists(tracking_uri, run_id)
+    if run_known:  # a stage that finished during an outage: its metrics and its end
+        _complete_run(folder, run_id, tracking_uri)
     if done.get("model_version"):
         return done.get("registered_model") or name, int(done["model_version"]), False
     tags, description, model_tags = _lineage_of(folder, meta, done)
-    run_id = done.get("mlflow_run_id") or recorded_run_id(folder.root)
-    if run_id and _run_exists(tracking_uri, run_id):
+    if run_known:
         version = register_model(run_id, folder.export_dir, name, tags, tracking_uri=tracking_uri,
                                  description=description, model_tags=model_tags)
     else:
         version = register_export(folder.export_dir, name, tracking_uri, tags,
                                   description=description, model_tags=model_tags)
-    _write_json_atomic(folder.done_path, {**done, "registered_model": name,
-                                          "model_version": version})
+    # tmp, fsync, rename: a kill leaves the old DONE.json or the new one, never half of one.
+    write_json_atomic(folder.done_path, {**done, "registered_model": name,
+                                         "model_version": version})
     return name, int(version), True
 
 
-def _read_json(path: Path, missing: str) -> dict:
-    import json
+def _complete_run(folder, run_id: str, tracking_uri: str) -> None:
+    """Send the metrics.jsonl lines MLflow lacks (the replay a resume would do) and end a run
+    still RUNNING in the store: its stage wrote DONE.json, so it finished."""
+    with _registry_errors(f"sending the metrics of {folder.root} to run {run_id}", tracking_uri):
+        send_unsent(folder.root, run_id, tracking_uri)
+        client = mlflow_client(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FINISHED")
 
+
+def _read_json(path: Path, missing: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         raise RegistryError(f"pipeline/registry.py: {path.parent} {missing}") from None
-    except ValueError as err:
-        raise RegistryError(f"pipeline/registry.py: {path} is not valid JSON ({err})") from None
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    """tmp, fsync, rename: a kill leaves the old DONE.json or the new one, never half of one."""
-    import json
-    import os
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, indent=2, sort_keys=True))
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    except ValueError as err:  # CorruptFileError: names the file
+        raise RegistryError(f"pipeline/registry.py: {err}") from None
 
 
 def _run_exists(tracking_uri: str, run_id: str) -> bool:

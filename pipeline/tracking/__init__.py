@@ -51,13 +51,14 @@ from pipeline.tracking.mlflow_tracker import (
     recorded_run_id,
     start_parent_run,
 )
+from pipeline.tracking.replay import send_unsent
 from pipeline.tracking.sender import is_transient
 
 _is_transient = is_transient  # the name tests and older callers import
 
 __all__ = [
     "DESCRIPTION_TAG", "PARENT_MODEL_TAG", "UI_ENV", "DatasetRecord", "parent_models",
-    "recorded_run_id", "run_description", "shard_datasets", "version_description",
+    "recorded_run_id", "run_description", "send_unsent", "shard_datasets", "version_description",
     "PARENT_RUN_TAG", "RUN_STATUSES", "MetricsFileTracker", "MlflowTracker", "NullTracker",
     "Tracker", "TrackingConfig", "TrackingError", "artifact_root_for", "build_tracker",
     "embedded_tracking_uri", "experiment_artifact_location", "flatten_params", "import_mlflow",

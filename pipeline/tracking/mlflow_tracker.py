@@ -29,7 +29,7 @@ from pipeline.tracking.base import (
     without_sentinels,
 )
 from pipeline.tracking.lineage import DatasetRecord
-from pipeline.tracking.replay import SentLog, file_size, unsent_lines
+from pipeline.tracking.replay import SentLog, file_size, metric_items, unsent_lines
 from pipeline.tracking.sender import Op, RunSender
 
 
@@ -73,8 +73,7 @@ class MlflowTracker(Tracker):
     def _replay(self, metrics_path: Path, offset: int) -> int:
         count = 0
         for line in unsent_lines(metrics_path, offset):
-            items = [(clean_key(k), v, line.time_ms, line.step) for k, v in line.metrics.items()]
-            self._sender.push(Op("metrics", items, offset=line.end_offset))
+            self._sender.push(Op("metrics", metric_items(line), offset=line.end_offset))
             count += 1
         if count:
             log.warning("tracking: sending %d lines of %s that MLflow had not received",

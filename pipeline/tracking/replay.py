@@ -12,13 +12,20 @@ once.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.tracking.base import log
+from pipeline.atomic import write_json_atomic
+from pipeline.run_folder import RunFolder
+from pipeline.tracking.base import (
+    MAX_METRICS_PER_BATCH,
+    clean_key,
+    import_mlflow,
+    log,
+    mlflow_client,
+)
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,8 @@ class SentLog:
         """Replace the file atomically (fsynced: it must survive the kill it exists for)."""
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w", encoding="utf-8") as handle:
-                json.dump({"run_id": state.run_id, "offset": state.offset}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            tmp.replace(self.path)
+            write_json_atomic(self.path, {"run_id": state.run_id, "offset": state.offset},
+                              indent=None)
 
 
 def file_size(path: str | Path) -> int:
@@ -93,3 +96,39 @@ def unsent_lines(metrics_path: str | Path, offset: int) -> Iterator[MetricsLine]
                                   int(float(record["time"]) * 1000), values)
             except (ValueError, KeyError, TypeError) as err:
                 log.warning("tracking: skipping a bad line of %s (%s)", path, err)
+
+
+def metric_items(line: MetricsLine) -> list[tuple[str, float, int, int]]:
+    """A line's metrics as (key, value, timestamp ms, step): what a replay sends to MLflow."""
+    return [(clean_key(k), v, line.time_ms, line.step) for k, v in line.metrics.items()]
+
+
+def send_unsent(run_folder: str | Path, run_id: str, tracking_uri: str) -> int:
+    """Send now, batch by batch, the lines of a run folder's metrics.jsonl that MLflow has not
+    acknowledged (a stage that finished, or was killed, during an outage), moving the replay
+    offset after each batch. Only when `logs/metrics.sent` names `run_id`: its offset counts
+    that run's lines. Returns the lines sent; MLflow's errors propagate."""
+    folder = RunFolder(run_folder)
+    sent_log = SentLog(folder.metrics_sent_path)
+    state = sent_log.read()
+    if state.run_id != run_id:
+        return 0
+    client = mlflow_client(tracking_uri)
+    metric = import_mlflow().entities.Metric
+    batch: list = []
+    count = offset = 0
+    for line in unsent_lines(folder.metrics_path, state.offset):
+        items = metric_items(line)
+        if batch and len(batch) + len(items) > MAX_METRICS_PER_BATCH:
+            client.log_batch(run_id, metrics=batch, synchronous=True)
+            sent_log.write(SentState(run_id, offset))
+            batch = []
+        batch.extend(metric(*item) for item in items)
+        offset, count = line.end_offset, count + 1
+    if batch:
+        client.log_batch(run_id, metrics=batch, synchronous=True)
+        sent_log.write(SentState(run_id, offset))
+    if count:
+        log.warning("tracking: sent %d lines of %s that MLflow had not received", count,
+                    folder.metrics_path)
+    return count

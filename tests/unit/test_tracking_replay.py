@@ -107,3 +107,52 @@ def test_register_run_folder_registers_a_finished_stage_once(tmp_path):
     assert register_run_folder(folder.root, tracking_uri_for(workdir)) == ("pipe.detr", 1, False)
     version = mlflow_client(tracking_uri_for(workdir)).get_model_version("pipe.detr", "1")
     assert "AP 0.5000" in version.description and "abc123" in version.description
+
+
+def _stage_finished_during_an_outage(workdir, model_version=None) -> tuple[RunFolder, str]:
+    """A run folder whose stage finished while MLflow was down: steps 0-2 reached MLflow, 3-5
+    only metrics.jsonl, the run was never ended, DONE.json was written."""
+    folder = RunFolder(workdir / "pipe" / "detr")
+    tracker = build_tracker(TrackingConfig(finish_timeout_s=20), workdir, 0, "detr",
+                            run_folder=folder.root)
+    for step in range(3):
+        tracker.log_metrics({"train/loss": float(step)}, step=step)
+    assert tracker.flush(timeout_s=20)
+    tracker._sender.close(0)  # the outage: nothing more is acknowledged, the end is not sent
+    lost = MetricsFileTracker(folder.metrics_path)
+    for step in range(3, 6):
+        lost.log_metrics({"train/loss": float(step)}, step=step)
+    lost.finish()
+    folder.export_dir.mkdir(parents=True, exist_ok=True)
+    folder.export_weights_path.write_bytes(b"weights")
+    folder.export_meta_path.write_text(json.dumps({"pipeline": "pipe", "stage": "detr"}))
+    folder.done_path.write_text(json.dumps(
+        {"stage": "detr", "config_hash": "abc", "inputs": {}, "metrics": {}, "main_metric": "AP",
+         "mlflow_run_id": tracker.run_id, "model_version": model_version,
+         "registered_model": None}))
+    return folder, tracker.run_id
+
+
+@pytest.mark.parametrize("model_version", [None, 7])
+def test_register_run_folder_sends_the_lines_mlflow_lacks(tmp_path, model_version):
+    workdir = tmp_path / "runs"
+    folder, run_id = _stage_finished_during_an_outage(workdir, model_version)
+    uri = tracking_uri_for(workdir)
+    client = mlflow_client(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    name, version, now = register_run_folder(folder.root, uri)
+    assert (version, now) == ((1, True) if model_version is None else (7, False))
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(6)]
+    # With their original timestamps: a later replay of the same line is the same metric.
+    stamps = {json.loads(line)["step"]: int(json.loads(line)["time"] * 1000)
+              for line in folder.metrics_path.read_text().splitlines()}
+    assert all(m.timestamp == stamps[m.step] for m in history)
+    assert SentLog(folder.metrics_sent_path).read().offset == folder.metrics_path.stat().st_size
+    assert client.get_run(run_id).info.status == "FINISHED"
+    register_run_folder(folder.root, uri)  # twice: nothing is sent again
+    assert len(client.get_metric_history(run_id, "train/loss")) == 6
+    if model_version is None:
+        assert client.get_model_version("pipe.detr", "1").run_id == run_id
