@@ -23,6 +23,7 @@ This module knows the engine only through the small protocols below (no import o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.atomic import fsync_dir, write_bytes_atomic
+from pipeline.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from pipeline.checkpoint_select import (
     CheckpointMismatchError,
     choose_and_load,
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 CLIENT_KEY = "detrforge"  # DeepSpeed merges client state into its own dict: one key of ours
 NAMED_KEY = "stateful"  # client state: {name: state_dict()} of the named stateful objects
 _LEGACY_LIST_KEY = "callbacks"  # older checkpoints: callback states by list position
+# The number of ranks that wrote a checkpoint, readable before any shard is opened: a resume
+# with another world size must fail with that reason, not with the error DeepSpeed or the data
+# loader gives when it meets shards or a data position made for another world size.
+WORLD_FILE = "world.json"
 
 
 class Stateful(Protocol):
@@ -190,6 +195,8 @@ def save_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
         shutil.rmtree(directory, ignore_errors=True)  # leftovers of a killed save of this step
     dist.barrier()
     strategy.save(directory, {CLIENT_KEY: client})
+    if dist.is_main():
+        write_json_atomic(directory / WORLD_FILE, {"world_size": dist.get_world_size()})
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         _fsync_tree(directory)
@@ -269,20 +276,35 @@ def _saved_named_state(client: Mapping[str, Any], directory: Path) -> dict[str, 
 def _load_client(directory: Path, strategy: ShardedState, state: Progress,
                  loader: Any) -> dict[str, Any]:
     """Strategy, progress, RNG and data position from `directory`; returns the named state."""
+    _check_world_size(directory, _saved_world_size(directory))
     client = strategy.load(directory).get(CLIENT_KEY)
     if client is None:
         raise CheckpointError(f"checkpoint.py: {directory} holds no detrforge client state")
-    if client["world_size"] != dist.get_world_size():
-        raise CheckpointMismatchError(
-            f"checkpoint.py: {directory} was written by {client['world_size']} ranks, this job "
-            f"has {dist.get_world_size()}; resume with the same number of processes"
-        )
+    _check_world_size(directory, client["world_size"])  # checkpoints saved before WORLD_FILE
     rank = dist.get_rank()
     state.load_state_dict(client["train_state"])
     restore_rng(client["rng"][rank])
     if loader is not None and client["loader"][rank] is not None:
         loader.load_state_dict(client["loader"][rank])
     return _saved_named_state(client, directory)
+
+
+def _saved_world_size(directory: Path) -> int | None:
+    """The world size `directory` records in WORLD_FILE (None for older checkpoints)."""
+    try:
+        return int(json.loads((directory / WORLD_FILE).read_text())["world_size"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_world_size(directory: Path, saved: int | None) -> None:
+    if saved is not None and saved != dist.get_world_size():
+        raise CheckpointMismatchError(
+            f"checkpoint.py: {directory} was written by {saved} ranks, this job has "
+            f"{dist.get_world_size()}: a resume with another world size changes the global batch "
+            "and each rank's data; resume with the same number of processes (SLURM: nodes x "
+            "tasks per node), or rerun with --force to start over"
+        )
 
 
 def _load_newest(run: RunFolder, strategy: ShardedState, state: Progress,

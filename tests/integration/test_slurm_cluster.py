@@ -41,7 +41,7 @@ def cluster() -> ClusterConfig:
             pytest.skip(f"local SLURM cluster is not up: SLURM_CONF={conf} does not exist "
                         "(run launch/slurm/cluster.sh up)")
         try:
-            probe = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"],
+            probe = subprocess.run(["sinfo", "-h", "-o", "%T"],
                                    capture_output=True, text=True, timeout=15)
             failure = probe.stderr.strip() if probe.returncode else ""
         except subprocess.TimeoutExpired:
@@ -50,6 +50,13 @@ def cluster() -> ClusterConfig:
             pytest.skip(f"local SLURM cluster is not up: sinfo failed ({failure}); "
                         "run launch/slurm/cluster.sh up")
         yield load_cluster_config(REPO / "configs" / "clusters" / "local.yaml")
+
+
+def first_node() -> str:
+    """The first node of the cluster ("localhost" on one node, "n1" on several)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"], capture_output=True,
+                         text=True, timeout=15, check=True).stdout.split()
+    return sorted(set(out))[0]
 
 
 def job_state(job) -> str:
@@ -156,15 +163,18 @@ def test_stop_signal_past_max_requeues_fails_the_job(cluster, tmp_path):
 
 def test_partition_preemption_sigterm_saves_and_resumes(cluster, tmp_path):
     # The whole node in the low-priority partition; a job in 'urgent' then preempts it (requeue,
-    # SIGTERM first), which submitit only handles with SUBMITIT_PREEMPT_SIGNAL=TERM.
+    # SIGTERM first), which submitit only handles with SUBMITIT_PREEMPT_SIGNAL=TERM. Both ask for
+    # the same node: on a cluster of several nodes the urgent job would otherwise take a free one.
+    node = {"slurm_params": {"nodelist": first_node()}}
     run = tmp_path / "low"
     low = submit(cluster, tmp_path, "launch.selftest:train_until_stopped",
-                 {"steps": 16, "step_s": 0.5}, "low", cpus_per_task=4, preempt_signal="TERM")
+                 {"steps": 16, "step_s": 0.5}, "low", cpus_per_task=4, preempt_signal="TERM",
+                 **node)
     wait_for(lambda: (run / "started").exists(), 60, "the low-priority job to start")
     time.sleep(1.0)
     marker = tmp_path / "urgent-ran"
     urgent = submit(cluster, tmp_path, "launch.selftest:write_marker", {"path": str(marker)},
-                    "urgent", partition="urgent")
+                    "urgent", partition="urgent", **node)
     assert urgent.result() == str(marker)
     result = low.result()
     saved = json.loads((run / "saved.json").read_text())["step"]

@@ -61,7 +61,7 @@ def slurm_env() -> dict[str, str]:
         pytest.skip(f"local SLURM cluster is not up: SLURM_CONF={conf} does not exist "
                     "(run launch/slurm/cluster.sh up)")
     try:
-        probe = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], env=env,
+        probe = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env,
                                capture_output=True, text=True, timeout=15)
         failure = probe.stderr.strip() if probe.returncode else ""
     except subprocess.TimeoutExpired:

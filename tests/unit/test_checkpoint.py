@@ -260,3 +260,27 @@ def test_checkpoint_module_does_not_import_the_engine():
             "print(sorted(m for m in sys.modules if m.startswith('pipeline.engine')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_resume_with_another_world_size_is_one_clear_error_before_any_shard_loads(tmp_path):
+    run = RunFolder(tmp_path)
+    save_checkpoint(run, single(Net()), TrainState(step=2))
+    assert json.loads((run.step_dir(2) / checkpoint.WORLD_FILE).read_text()) == {"world_size": 1}
+
+    def shards_made_for_another_world(model):
+        strategy = single(model)
+
+        def load(directory):  # what DeepSpeed does with another world size: a confusing error
+            raise RuntimeError("size mismatch for param_groups")
+
+        strategy.load = load
+        return strategy
+
+    # As if 2 ranks had written it; this process is a world of 1.
+    (run.step_dir(2) / checkpoint.WORLD_FILE).write_text(json.dumps({"world_size": 2}))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as err:
+        resume(run, Net(), shards_made_for_another_world, TrainState())
+    message = str(err.value)
+    assert "written by 2 ranks, this job has 1" in message and "\n" not in message
+    assert "size mismatch" not in message
+    assert run.latest_step() == 2  # nothing was skipped or deleted
