@@ -36,6 +36,7 @@ from launch.graph import (
     is_up_to_date,
     load_target,
     prepare_run_dir,
+    stage_inputs,
 )
 from launch.runner import run_one_stage
 from pipeline.atomic import write_json_atomic
@@ -193,7 +194,10 @@ def run_sweep(target: str | Path, stage: str, grid_args: list[str], workdir: Pat
             _submit_array(sweep, todo, workdir, parent_id, cluster, max_parallel)
         else:
             for point in todo:
-                run_one_stage(sweep, point.spec, workdir, parent_id)
+                result = run_one_stage(sweep, point.spec, workdir, parent_id)
+                if result["status"] != "done":
+                    print(f"  {point.spec.name}: {result['status']} (exit code "
+                          f"{result.get('exit_code', 0)})", flush=True)
         rows = report(sweep, stage, points, grid, workdir, parent_id)
         if parent is not None:
             folder = sweep_folder(pipeline, workdir, stage)
@@ -258,8 +262,7 @@ def report(sweep: Pipeline, stage: str, points: list[Point], grid: dict[str, lis
         key = done.get("main_metric", "")
         value = (done.get("metrics") or {}).get(key)
         rows.append({"point": point.spec.name, "values": point.values, "seed": point.seed,
-                     "status": ("done" if done.get("config_hash") == point.spec.config_hash
-                                else "failed"),
+                     "status": point_status(sweep, point.spec, workdir, done),
                      "main_metric": key, "value": value,
                      "model_version": done.get("model_version")})
     rows.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0.0), r["point"]))
@@ -273,6 +276,19 @@ def report(sweep: Pipeline, stage: str, points: list[Point], grid: dict[str, lis
     print(table, end="")
     print(f"sweep report: {folder}")
     return rows
+
+
+def point_status(sweep: Pipeline, spec: StageSpec, workdir: Path, done: dict) -> str:
+    """"done" by the stage cache's own rule (what the next call skips), else why not."""
+    if not done:
+        return "failed"
+    if is_up_to_date(sweep, spec, workdir):
+        return "done"
+    if done.get("config_hash") != spec.config_hash:
+        return "failed (DONE.json is for another config)"
+    changed = sorted(k for k, v in stage_inputs(sweep, spec, workdir).items()
+                     if (done.get("inputs") or {}).get(k) != v)
+    return f"failed (inputs changed: {', '.join(changed)})" if changed else "failed (export changed)"
 
 
 def _table(rows: list[dict], keys: list[str]) -> str:
