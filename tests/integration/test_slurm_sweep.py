@@ -41,8 +41,23 @@ def _array_tasks(env: dict, array_id: str) -> list[tuple[str, str, datetime, dat
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,Start,End", "-j",
                           array_id], env=env, capture_output=True, text=True, timeout=30).stdout
     rows = [line.split("|") for line in out.splitlines() if "|" in line]
-    return [(job, state.split()[0], datetime.fromisoformat(start), datetime.fromisoformat(end))
-            for job, state, start, end in rows]
+    return [(job, state.split()[0], _time(start), _time(end)) for job, state, start, end in rows]
+
+
+def _time(text: str) -> datetime:
+    return datetime.max if text in ("Unknown", "None", "") else datetime.fromisoformat(text)
+
+
+def _ended_tasks(env: dict, array_id: str) -> list[tuple[str, str, datetime, datetime]]:
+    """The array's tasks once accounting knows all 4 ended (it trails the jobs by a moment)."""
+    tasks: list = []
+
+    def ended() -> bool:
+        tasks[:] = _array_tasks(env, array_id)
+        return len(tasks) == 4 and all(end != datetime.max for *_, end in tasks)
+
+    single.wait_for(ended, 60, f"sacct to know the end of array {array_id}", poll_s=1.0)
+    return tasks
 
 
 def test_sweep_points_run_as_one_job_array_at_most_two_at_once(swept, slurm_env):
@@ -50,7 +65,7 @@ def test_sweep_points_run_as_one_job_array_at_most_two_at_once(swept, slurm_env)
     line = next(line for line in done.stdout.splitlines() if "submitted job array" in line)
     array_id = line.split()[3]
     assert "(4 tasks, at most 2 at once)" in line, line
-    tasks = _array_tasks(slurm_env, array_id)
+    tasks = _ended_tasks(slurm_env, array_id)
     assert sorted(job for job, *_ in tasks) == [f"{array_id}_{i}" for i in range(4)], tasks
     assert {state for _, state, *_ in tasks} == {"COMPLETED"}, tasks
     # At no moment were more than 2 tasks running (SLURM's %2 array throttle).
