@@ -163,9 +163,9 @@ def _slurm_jobs(pipeline: Pipeline, workdir: Path) -> dict[str, str]:
 
 def run_demo(workdir: Path) -> int:
     """`make demo`: sample data if missing, then the demo pipeline on the embedded defaults."""
-    if not (SAMPLES_DIR / "detect" / "val" / "_info.json").is_file():
-        from pipeline.data.samples import make_samples
+    from pipeline.data.samples import make_samples, samples_are_current
 
+    if not samples_are_current(SAMPLES_DIR):
         print(f"generating the sample data sets in {SAMPLES_DIR} ...", flush=True)
         make_samples(SAMPLES_DIR, size="small", seed=0, workers=2, progress=True)
     return run_target(DEMO_PIPELINE, [], workdir)

@@ -31,6 +31,7 @@ from PIL import Image
 from pipeline.data import objects, synthetic
 from pipeline.data.convert import ConversionSummary, coco_to_shards, imagefolder_to_shards
 from pipeline.data.errors import DataError
+from pipeline.data.shards import load_shard_info
 
 JPEG_QUALITY = 90
 SPLITS = ("train", "val")
@@ -233,6 +234,15 @@ def _make_set(
     return coco_to_shards(
         raw, instances, root / split, spec.shard_size, workers, split=split, progress=progress
     )
+
+
+def samples_are_current(out: str | Path) -> bool:
+    """Whether ``out`` holds every sample set as this version generates them (a classification
+    set of an older version, e.g. 12 texture classes, is not current)."""
+    out = Path(out)
+    if not all((out / name / "val" / "_info.json").is_file() for name in SET_IDS):
+        return False
+    return load_shard_info(out / "classify" / "val").num_classes == len(objects.CLASSIFY_CLASSES)
 
 
 def make_samples(

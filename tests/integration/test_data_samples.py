@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import resource
 import subprocess
 import sys
@@ -80,3 +81,14 @@ def test_object_images_are_deterministic_and_of_every_kind():
     # Every kind of detection thing has at least two finer kinds in the classification set.
     shapes = [kind.shape for kind in objects.OBJECT_KINDS]
     assert all(shapes.count(shape) >= 2 for shape in set(synthetic.THING_SHAPES.values()))
+
+
+def test_samples_of_an_older_version_are_not_current(tmp_path):
+    samples.make_samples(tmp_path, "tiny")
+    assert samples.samples_are_current(tmp_path)
+    info = tmp_path / "classify" / "val" / "_info.json"
+    record = json.loads(info.read_text())
+    record["categories"] = record["categories"][:12]  # as the 12-class set of earlier versions
+    info.write_text(json.dumps(record))
+    assert not samples.samples_are_current(tmp_path)
+    assert not samples.samples_are_current(tmp_path / "missing")
