@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from launch import cli
 from launch.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +22,9 @@ TINY_DETR = CONFIGS / "stages" / "detr_pretrain" / "tiny.yaml"
 # Verbs tested elsewhere: the model verbs by their own module's tests; `demo` trains for minutes
 # (its runner is the `run` below, the integration test runs a pipeline end to end); `finetune`
 # trains, so tests/integration/test_finetune.py runs its handler.
-TESTED_ELSEWHERE = {"eval", "export", "predict", "demo", "finetune"}
+# Handlers run by their own tests: tests/inference (eval, export, predict), the integration
+# tests of finetune, sweep and inspect (README commands), the demo by `make demo`.
+TESTED_ELSEWHERE = {"eval", "export", "predict", "demo", "finetune", "sweep", "inspect"}
 
 
 def leaf_commands(parser=None, prefix=()) -> list[tuple[str, ...]]:
@@ -117,12 +118,51 @@ def test_registry_promote_then_list_and_errors(registry_workdir, tmp_path, capsy
 
 
 @covers("ui")
-def test_ui_execs_mlflow_on_the_workdir_store(tmp_path, monkeypatch, capsys):
-    seen = []
-    monkeypatch.setattr(cli.os, "execvp", lambda exe, argv: seen.append(argv))
+def test_ui_starts_the_light_viewer_on_the_workdir_store(tmp_path, monkeypatch, capsys):
+    import pipeline.tracking.viewer as viewer_module
+
+    started = []
+
+    class FakeViewer:
+        """Stands for the MLflow server process (tests/integration/test_mlflow_ui.py runs it)."""
+
+        def __init__(self, workdir, host, port):
+            started.append((Path(workdir), host, port))
+            self.url, self.process = f"http://{host}:{port}", self
+            self.stopped = False
+
+        def wait_ready(self):
+            return 0.5
+
+        def wait(self):
+            return 0
+
+        def stop(self):
+            self.stopped = True
+
+    monkeypatch.setattr(viewer_module, "Viewer", FakeViewer)
     code, out, _ = run_cli(capsys, "ui", "--workdir", tmp_path, "--port", "5999")
-    assert code == 0 and "5999" in out
-    assert "mlflow" in seen[0] and any(str(tmp_path) in part for part in seen[0])
+    assert code == 0 and "ready at http://127.0.0.1:5999" in out
+    assert started == [(tmp_path, "127.0.0.1", 5999)]
+
+
+@covers("registry", "register")
+def test_registry_register_a_finished_stage_and_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from pipeline.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "runs" / "pipe" / "detr").create()
+    assert_one_line_error(run_cli(capsys, "registry", "register", folder.root), "not finished")
+    folder.export_weights_path.write_bytes(b"weights")
+    folder.export_meta_path.write_text(json.dumps({"pipeline": "pipe", "stage": "detr"}))
+    folder.done_path.write_text(json.dumps({
+        "stage": "detr", "config_hash": "abc", "inputs": {}, "metrics": {"AP": 0.5},
+        "main_metric": "AP", "mlflow_run_id": None, "model_version": None,
+        "registered_model": None}))
+    code, out, _ = run_cli(capsys, "registry", "register", folder.root)
+    assert code == 0 and "pipe.detr version 1" in out
+    code, out, _ = run_cli(capsys, "registry", "register", folder.root)
+    assert code == 0 and "already registered" in out
 
 
 # --- pipelines ------------------------------------------------------------------------------
