@@ -11,7 +11,6 @@ resolved config with derived values -> tracker (re-attached by the run id the ch
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -26,7 +25,7 @@ from torch import nn
 
 from pipeline import dist
 from pipeline.atomic import read_json, write_json_atomic
-from pipeline.checkpoint import Checkpointer, ResumeOutcome, resume
+from pipeline.checkpoint import Checkpointer, resume
 from pipeline.config import config_hash, to_dict, write_resolved
 from pipeline.engine.callbacks import (
     Callback,
@@ -46,18 +45,11 @@ from pipeline.engine.strategy import Strategy, StrategyConfig, build_strategy
 from pipeline.export import write_export
 from pipeline.run_folder import RunFolder
 from pipeline.tracking import (
-    DESCRIPTION_TAG,
-    PARENT_MODEL_TAG,
     Tracker,
     TrackingConfig,
-    build_tracker,
-    parent_models,
-    recorded_run_id,
-    run_description,
-    shard_datasets,
-    version_description,
 )
 from stages.ema import EmaUpdate, StageEmaConfig, with_ema
+from stages.stage_tracking import register_export, start_tracker
 
 log = logging.getLogger("detrforge.stage")
 
@@ -253,7 +245,7 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     if dist.is_main():
         print(f"[{ctx.stage}] {outcome}", flush=True)
         write_resolved(cfg, run.config_path, extra=derived)
-    tracker = _start_tracker(ctx, cfg, tracking, env, run, state, outcome, derived)
+    tracker = start_tracker(ctx, cfg, tracking, env, run, state, outcome, derived)
     checkpointer = Checkpointer(run, strategy, loader=parts.loader, keep_last=train.keep_last)
     ema, parts = with_ema(train.ema, strategy.module, parts, tracker, state)
     callbacks = _callbacks(ctx, train, parts, strategy, tracker, checkpointer.save,
@@ -303,47 +295,6 @@ def derived_values(env: dist.DistEnv, parts: StageParts, strategy: Strategy,
     }
 
 
-def _start_tracker(ctx: StageContext, cfg: Any, tracking: TrackingConfig, env: dist.DistEnv,
-                   run: RunFolder, state: TrainState, outcome: ResumeOutcome,
-                   derived: dict[str, Any]) -> Tracker:
-    """The stage's tracker, re-attached to the run id a resumed checkpoint kept (or, when the run
-    was created after that checkpoint, the one the run folder recorded)."""
-    resume_id = state.extra.get("tracker_run_id")
-    if outcome.kind == "resume" and not resume_id and dist.is_main():
-        resume_id = recorded_run_id(run.root)
-    tracker = build_tracker(tracking, ctx.workdir, env.rank, ctx.stage,
-                            parent_run_id=ctx.parent_run_id,
-                            resume_run_id=resume_id, run_folder=run.root,
-                            tags={"detrforge.pipeline": ctx.pipeline, "detrforge.stage": ctx.stage,
-                                  "detrforge.config_hash": config_hash(cfg)})
-    if dist.is_main():
-        state.extra["tracker_run_id"] = tracker.run_id
-        if outcome.kind != "resume":
-            tracker.log_params({**to_dict(cfg), "derived": derived})
-            tracker.log_artifact(run.config_path)
-            _log_lineage(ctx, cfg, tracker, derived.get("inputs"), outcome.kind)
-    return tracker
-
-
-def _stage_data(cfg: Any) -> list:
-    shards = getattr(getattr(cfg, "data", None), "shards", None)
-    return shard_datasets(shards) if shards else []
-
-
-def _log_lineage(ctx: StageContext, cfg: Any, tracker: Tracker, inputs: dict | None,
-                 start: str) -> None:
-    """Datasets read, parent versions and a one-sentence description of the run."""
-    datasets, parents = _stage_data(cfg), parent_models(ctx.workdir, ctx.pipeline, inputs)
-    tracker.log_datasets(datasets)
-    kind = type(cfg).__module__.rsplit(".", 1)[-1]
-    max_steps = getattr(getattr(cfg, "train", None), "max_steps", 0)
-    tags = {DESCRIPTION_TAG: run_description(ctx.stage, kind, ctx.pipeline, max_steps,
-                                             datasets, parents, start)}
-    if parents:
-        tags[PARENT_MODEL_TAG] = ", ".join(parents)
-    tracker.set_tags(tags)
-
-
 def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, tracker,
             metrics: dict[str, float], start: str, inputs: dict | None) -> StageResult:
     """Export (every rank gathers ZeRO shards), then rank 0 writes, registers and records."""
@@ -363,7 +314,7 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
     result.export_dir = str(export_dir)
     if run.artifacts_dir.is_dir():  # prediction pictures of the evaluation
         tracker.log_artifacts(run.artifacts_dir, run.artifacts_dir.name)
-    result.model_version = _register(ctx, cfg, tracker, export_dir, inputs, metrics,
+    result.model_version = register_export(ctx, cfg, tracker, export_dir, inputs, metrics,
                                      parts.main_metric)
     tracker.finish("FINISHED")
     _write_done(ctx.run_dir, {
@@ -373,32 +324,3 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
         "model_version": result.model_version, "finished_at": time.time(),
     })
     return result
-
-
-def _register(ctx: StageContext, cfg: Any, tracker, export_dir: Path, inputs: dict | None,
-              metrics: dict[str, float], main_metric: str):
-    from pipeline.registry import register_model
-
-    parents = parent_models(ctx.workdir, ctx.pipeline, inputs)
-    tags = {"config_hash": config_hash(cfg), "git_commit": git_commit(),
-            "data_fingerprint": json.dumps(inputs or {}, sort_keys=True)[:500],
-            PARENT_MODEL_TAG: ", ".join(parents) or "none"}
-    description = version_description(ctx.stage, ctx.pipeline, _stage_data(cfg), main_metric,
-                                      metrics, config_hash(cfg), parents)
-    return register_model(tracker, export_dir, ctx.model_name, tags=tags, strict=False,
-                          description=description,
-                          model_tags={"detrforge.pipeline": ctx.pipeline,
-                                      "detrforge.stage": ctx.stage,
-                                      "detrforge.kind": type(cfg).__module__.rsplit(".", 1)[-1]})
-
-
-def git_commit() -> str:
-    """The project's commit, or "unknown" outside a git checkout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
