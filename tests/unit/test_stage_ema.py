@@ -61,10 +61,12 @@ def test_weights_come_back_when_evaluation_fails():
     assert torch.equal(model[0].weight, trained)
 
 
-def test_dino_recipes_turn_ema_on_and_deformable_leaves_it_off():
-    for recipe, decay in (("tiny_dino.yaml", 0.999), ("dino_r50_coco.yaml", 0.9997)):
+def test_full_dino_recipes_turn_ema_on_the_tiny_ones_leave_it_off():
+    for recipe in ("dino_r50_coco.yaml", "dino_swinl_coco.yaml"):
         _, cfg = load_stage_config(RECIPES / recipe, [])
-        assert cfg.train.ema.enabled and cfg.train.ema.decay == decay and cfg.train.ema.warmup
+        assert cfg.train.ema.enabled and cfg.train.ema.decay == 0.9997 and cfg.train.ema.warmup
+    _, cfg = load_stage_config(RECIPES / "tiny_dino.yaml", [])
+    assert not cfg.train.ema.enabled  # measured: it lags the weights in a 210-step run
     _, cfg = load_stage_config(RECIPES / "tiny.yaml", ["train.ema.eval_raw=true"])
     assert not cfg.train.ema.enabled and cfg.train.ema.eval_raw
 
@@ -84,7 +86,7 @@ class _Tracker:
 
 def _parts(model: nn.Module, export_state=None) -> StageParts:
     def evaluate(strategy):  # the "metric" is the first weight, to see which weights scored
-        return {"AP": float(strategy.module[0].weight[0, 0])}
+        return {"AP": strategy.module[0].weight[0, 0].item()}
 
     return StageParts(model=model, loader=None, task_step=None, evaluate=evaluate,
                       micro_batch_size=1, main_metric="AP", meta={}, export_state=export_state)
@@ -96,7 +98,7 @@ def test_with_ema_scores_and_exports_the_average_and_logs_the_raw_score():
     ema, parts = with_ema(StageEmaConfig(enabled=True, decay=0.5, warmup=False, eval_raw=True),
                           model, _parts(model, lambda sd: {"renamed." + k: v for k, v in
                                                            sd.items()}), tracker, state)
-    start = float(model[0].weight[0, 0])
+    start = model[0].weight[0, 0].item()
     with torch.no_grad():
         model[0].weight.add_(2.0)
     ema.on_step_end(state, {})
@@ -104,7 +106,7 @@ def test_with_ema_scores_and_exports_the_average_and_logs_the_raw_score():
     strategy = SimpleNamespace(module=model)
     assert parts.evaluate(strategy)["AP"] == pytest.approx(start + 1.0)  # the average
     assert tracker.logged == [({"eval_raw/AP": pytest.approx(start + 2.0)}, 7)]
-    assert float(model[0].weight[0, 0]) == pytest.approx(start + 2.0)  # training weights back
+    assert model[0].weight[0, 0].item() == pytest.approx(start + 2.0)  # training weights back
     exported = parts.export_state(dict(model.state_dict()))
     assert float(exported["renamed.0.weight"][0, 0]) == pytest.approx(start + 1.0)
 
