@@ -158,16 +158,17 @@ def _shard_report(predictor, split: Path) -> dict:
 
 def _segmenter_metrics(predictor, cfg, split: Path) -> dict:
     """segm AP, PQ (things/stuff), mIoU by the segmentation stage's own evaluation."""
+    from pipeline.data.panoptic_view import build_segmentation_loader, load_panoptic_view
     from pipeline.data.shards import load_shard_info
+    from pipeline.eval.segmentation import SegmentationEvalConfig, segmentation_evaluate
     from pipeline.inference.evaluate import Harness
-    from stages import segmentation_common as seg
 
     config = predictor.meta.get("config") or {}
     annotations = Path(config.get("panoptic_annotations") or split.parent / "annotations")
-    view = seg.load_panoptic_view(annotations, split.name, load_shard_info(split).categories)
-    loader = seg.build_segmentation_loader(cfg, split.name, None)
-    eval_cfg = seg.SegmentationEvalConfig(**{**predictor.spec.eval, "pictures": 0})
-    evaluate = seg.segmentation_evaluate(loader, view, load_shard_info(split).annotation_path,
+    view = load_panoptic_view(annotations, split.name, load_shard_info(split).categories)
+    loader = build_segmentation_loader(cfg, split.name, None)
+    eval_cfg = SegmentationEvalConfig(**{**predictor.spec.eval, "pictures": 0})
+    evaluate = segmentation_evaluate(loader, view, load_shard_info(split).annotation_path,
                                          predictor.spec.focal, eval_cfg, None)
     return evaluate(Harness(predictor))
 

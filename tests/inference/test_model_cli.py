@@ -91,3 +91,15 @@ def test_export_from_a_zero3_checkpoint_of_two_ranks(tmp_path):
     assert set(ours) == set(reference)
     for key, value in reference.items():
         torch.testing.assert_close(ours[key], value, rtol=0, atol=0)
+
+
+def test_eval_of_a_segmenter_reports_segm_ap_pq_and_miou(make_export, samples, tmp_path, capsys):
+    export = make_export(tmp_path / "segmenter", segmenter=True)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(export), "--data", str(samples / "detect" / "val"),
+                 "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    for key in ("PQ", "PQ_th", "PQ_st", "mIoU"):
+        assert key in metrics, sorted(metrics)
+    assert any(key.startswith("segm_") for key in metrics), sorted(metrics)
+    assert "PQ" in capsys.readouterr().out
