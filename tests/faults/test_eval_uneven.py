@@ -82,3 +82,34 @@ def test_zero3_evaluation_with_uneven_batches_finishes_with_single_process_metri
     assert set(distributed) == set(reference)
     assert distributed == pytest.approx(reference, abs=1e-6)
     assert reference["AP50"] > 0  # some box is found: equal metrics compare something
+
+
+def _lockstep_rank(rank: int, root: str, counts: list[int]) -> None:
+    import torch.distributed as torch_dist
+
+    from pipeline.eval.lockstep import even_batches
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                                  world_size=len(counts))
+    batches = [{"images": torch.full((2, 1), float(10 * rank + i)), "targets": [i, -i], "tag": rank}
+               for i in range(counts[rank])]
+    seen = [(batch["images"].flatten().tolist(), batch["targets"], real)
+            for batch, real in even_batches(batches)]
+    Path(root, f"rank{rank}.json").write_text(json.dumps(seen))
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counts", [[2, 0], [3, 1], [2, 2]], ids=["none", "fewer", "equal"])
+def test_even_batches_pads_the_short_rank_with_one_sample(tmp_path, counts):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_lockstep_rank, args=(str(tmp_path), counts), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == max(counts)
+    for rank, count in enumerate(counts):
+        real = [(images, targets) for images, targets, is_real in seen[rank] if is_real]
+        assert real == [([10.0 * rank + i] * 2, [i, -i]) for i in range(count)]  # unchanged
+        padding = [(images, targets) for images, targets, is_real in seen[rank] if not is_real]
+        last = count - 1 if count else 0  # no batch at all: rank 0's first sample, lent
+        source = rank if count else 0
+        assert padding == [([10.0 * source + last], [last])] * (max(counts) - count)
