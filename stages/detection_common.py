@@ -8,6 +8,7 @@ weights vs a whole detector) and freezing policy only.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -85,8 +86,12 @@ def inspector_hook(folder: Path, model_cfg: DetectorConfig, data: DetectionDataC
             gt = GroundTruth(truth["boxes"], truth["labels"].long(), list(range(len(truth["labels"]))))
             items.append(InspectInput(f"val_{i:02d}", image, gt))
         device = next(model.parameters()).device
-        inspect_images(model, spec, meta, items, folder,
-                       InspectConfig(score_threshold=eval_cfg.picture_score), device)
+        try:
+            inspect_images(model, spec, meta, items, folder,
+                           InspectConfig(score_threshold=eval_cfg.picture_score), device)
+        except Exception as error:  # a report is a view of training, never a reason to stop it
+            logging.getLogger("detrforge.stage").warning(
+                "inspector report skipped at this evaluation: %s: %s", type(error).__name__, error)
 
     return inspect
 
