@@ -196,13 +196,16 @@ def test_export_loads_into_single_process_model_with_same_outputs(runs):
 
 def test_nonfinite_loss_on_one_rank_is_skipped_everywhere_then_stops_after_saving(tmp_path):
     """Rank 1 alone sees NaN at micro-batch 3 (dropped on both ranks), then from micro-batch 6
-    on: the guard saves step 4 and stops both ranks with a clear error instead of hanging."""
+    on: the guard saves step 4 aside (never as `latest`: a rerun resumes from the last good
+    checkpoint) and stops both ranks with a clear error instead of hanging."""
     run_dir = tmp_path / "nan"
     done = _launch(run_dir, 2, "--nan-rank1-at", "3", "--nan-rank1-from", "6",
                    "--save-every", "100")
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "NonFiniteLossError" in output and "3 non-finite losses in a row at step 4" in output
-    assert (run_dir / "latest").read_text().strip() == "step_4"
+    assert "NonFiniteLossError" in output, output[-3000:]
+    assert "3 non-finite losses or gradient norms in a row at step 4" in output, output[-3000:]
+    assert (run_dir / "checkpoints" / "diverged_step_4" / "COMPLETE").exists()
+    assert not (run_dir / "latest").exists()  # no good checkpoint was made before
     for rank in (0, 1):
         assert [step for step, _ in _losses(run_dir, rank)] == [1, 2, 3, 4]

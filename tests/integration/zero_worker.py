@@ -148,9 +148,10 @@ def main() -> None:
                                     backbone_lr_mult=0.5, schedule="cosine")
     callbacks: list[Callback] = []
 
-    def save(train_state):
+    def save(train_state, diverged=False):
         return checkpoint.save_checkpoint(run, strategy, train_state, loader=loader,
-                                          stateful=stateful_callbacks(callbacks), keep_last=2)
+                                          stateful=stateful_callbacks(callbacks), keep_last=2,
+                                          diverged=diverged)
 
     stop = StopOnRequest()
     stop.install_signal_handlers([signal.SIGUSR1])
@@ -158,7 +159,7 @@ def main() -> None:
                   LossRecorder(run.root / f"losses_rank{env.rank}.jsonl"),
                   DieAtStep(args.die_at_step),
                   SignalOneRankAtStep(args.signal_rank1_at_step, rank=1), stop,
-                  NonFiniteGuard(max_consecutive=3, save=save)]
+                  NonFiniteGuard(max_consecutive=3, save=lambda st: save(st, diverged=True))]
 
     def make_strategy(model):
         return build_strategy(strategy_cfg, model, optimizer_cfg, MICRO_BATCH, env,
