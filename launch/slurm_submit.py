@@ -165,6 +165,21 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
         parts = line.split("|")
         if len(parts) >= 2:
             states[parts[0]] = (parts[1].split()[0], parts[2] if len(parts) > 2 else "")
+    unknown = [job_id for job_id in job_ids if job_id not in states]
+    if unknown:  # accounting lags behind the controller: a job queued a moment ago is not in it
+        states.update(_squeue_states(unknown))
+    return states
+
+
+def _squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (state, reason) from the controller itself (squeue knows queued jobs at once)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=30)
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
     return states
 
 

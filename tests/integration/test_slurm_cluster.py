@@ -179,5 +179,8 @@ def test_partition_preemption_sigterm_saves_and_resumes(cluster, tmp_path):
     result = low.result()
     saved = json.loads((run / "saved.json").read_text())["step"]
     assert 0 < saved < 16
-    assert result == {"resumed_from": saved, "final_step": 16, "restart_count": 1,
-                      "job_id": low.job_id}
+    # Two nodes: the requeued job can be started on the pinned node and preempted once more
+    # before the urgent job has run; every start resumes from the last save.
+    restarts = result.pop("restart_count")
+    assert result == {"resumed_from": saved, "final_step": 16, "job_id": low.job_id}
+    assert 1 <= restarts <= 3
