@@ -54,12 +54,18 @@ def _download_registered(uri: str, ctx) -> Path:
 
     safe = re.sub(r"[^\w.\-]", "_", uri[len(MODEL_PREFIX):])
     dst = Path(ctx.run_dir) / "inputs" / safe
+    # Rank 0 downloads; its outcome, failure included, reaches every rank before anyone acts,
+    # so a registry error stops all ranks at once with the same message (no rank left waiting).
+    outcome: tuple[str, str] | None = None
     if dist.is_main():
-        local = resolve_model_uri(uri, tracking_uri_for(ctx.workdir), dst)
-        dist.broadcast_object(str(local))
-    else:
-        local = dist.broadcast_object(None)
-    return Path(local)
+        try:
+            outcome = ("ok", str(resolve_model_uri(uri, tracking_uri_for(ctx.workdir), dst)))
+        except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+            outcome = ("error", f"{type(error).__name__}: {error}")
+    kind, value = dist.broadcast_object(outcome)
+    if kind == "error":
+        raise InputError(f"init_from={uri!r}: {value}")
+    return Path(value)
 
 
 def data_fingerprint(shards_root: str | Path) -> str:
