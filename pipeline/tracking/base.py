@@ -268,6 +268,7 @@ class MetricsFileTracker(NullTracker):
         self.metrics_path = Path(metrics_path)
         self._file = None
         self._lock = threading.Lock()
+        self._write_failed = False  # warned once about a failing metrics file
 
     def log_metrics(self, metrics: Mapping[str, float], step: int,
                     time_s: float | None = None) -> int:
@@ -277,12 +278,21 @@ class MetricsFileTracker(NullTracker):
         stamp = time.time() if time_s is None else time_s
         line = json.dumps({"step": int(step), "time": stamp, "metrics": values}) + "\n"
         with self._lock:
-            if self._file is None:
-                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.metrics_path.open("ab")
-            self._file.write(line.encode("utf-8"))
-            self._file.flush()  # a crash or a SIGKILL right after must not lose the line
-            return self._file.tell()
+            try:
+                if self._file is None:
+                    self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = self.metrics_path.open("ab")
+                self._file.write(line.encode("utf-8"))
+                self._file.flush()  # a crash or a SIGKILL right after must not lose the line
+                return self._file.tell()
+            except OSError as err:
+                # Only rank 0 writes here: raising would stop it alone while the other ranks
+                # wait in a collective. A full or failing disk costs this line, not the run.
+                if not self._write_failed:
+                    log.warning("cannot append to %s (%s); training goes on, MLflow still gets "
+                                "the metrics", self.metrics_path, err)
+                self._write_failed = True
+                return self._file.tell() if self._file is not None else 0
 
     def finish(self, status: str = "FINISHED") -> None:
         super().finish(status)

@@ -156,3 +156,13 @@ def test_register_run_folder_sends_the_lines_mlflow_lacks(tmp_path, model_versio
     assert len(client.get_metric_history(run_id, "train/loss")) == 6
     if model_version is None:
         assert client.get_model_version("pipe.detr", "1").run_id == run_id
+
+
+def test_a_metrics_file_that_cannot_be_written_is_a_warning_not_a_stop(tmp_path, caplog):
+    blocked = tmp_path / "logs"
+    blocked.mkdir()
+    tracker = MetricsFileTracker(blocked)  # a folder where the file should be: open() fails
+    assert tracker.log_metrics({"loss": 1.0}, step=1) == 0
+    assert tracker.log_metrics({"loss": 2.0}, step=2) == 0
+    assert sum("cannot append" in record.message for record in caplog.records) == 1
+    tracker.finish()
