@@ -3,7 +3,7 @@
 ``runner`` is anything with ``module`` (the model: ``(images, padding_mask) -> outputs``),
 ``device``, ``compute_dtype`` and ``autocast()``: a training ``Strategy``, or a wrapper of a plain
 model for inference. Every rank calls ``evaluate(runner)``; the metrics come back on all ranks.
-Every rank runs as many forwards as the rank with the most batches (``even_batches``).
+Every rank runs as many forwards as the rank with the most batches (``evaluation_forwards``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import torch
 
 from pipeline import dist
 from pipeline.boxes import box_cxcywh_to_xyxy
-from pipeline.data.collate import model_images
 from pipeline.eval.coco import CocoEvaluator
-from pipeline.eval.lockstep import even_batches
+from pipeline.eval.lockstep import evaluation_forwards
 from pipeline.eval.pictures import draw_truth_and_predictions
 from pipeline.eval.postprocess import postprocess_detections
 
@@ -61,12 +60,7 @@ def coco_evaluate(loader, annotation_file: Path, focal: bool, eval_cfg: Detectio
 
     def evaluate(strategy) -> dict[str, float]:
         evaluator = CocoEvaluator(annotation_file, label_to_id)
-        for index, (batch, real) in enumerate(even_batches(loader)):
-            images = model_images(batch, strategy.device, strategy.compute_dtype)
-            with strategy.autocast():
-                outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
-            if not real:
-                continue  # padding: this forward only matches the other ranks' (ZeRO-3 gathers)
+        for index, batch, images, outputs in evaluation_forwards(loader, strategy):
             outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
             targets = batch["targets"]
             orig = torch.stack([t["orig_size"] for t in targets])

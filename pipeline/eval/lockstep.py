@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from pipeline import dist
+from pipeline.data.collate import model_images
 
 
 def one_sample(batch: dict) -> dict:
@@ -54,3 +55,15 @@ def even_batches(batches: Iterable[dict]) -> Iterator[tuple[dict, bool]]:
             yield one_sample(padding), False
         if not dist.any_rank(batch is not None):
             return
+
+
+def evaluation_forwards(batches: Iterable[dict], strategy) -> Iterator[tuple[int, dict, torch.Tensor, dict]]:
+    """``(index, batch, images, outputs)`` of every real batch, the model run by ``strategy``
+    (its device, compute dtype and autocast) in lockstep over ranks: padding forwards run and
+    their outputs are dropped here, so evaluations only ever see real batches."""
+    for index, (batch, real) in enumerate(even_batches(batches)):
+        images = model_images(batch, strategy.device, strategy.compute_dtype)
+        with strategy.autocast():
+            outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
+        if real:  # a padding forward only matches the other ranks' (ZeRO-3 gathers)
+            yield index, batch, images, outputs

@@ -5,7 +5,7 @@ with pictures of predicted segments.
 ``runner`` is anything with ``module`` (the model: ``(images, padding_mask) -> outputs``),
 ``device``, ``compute_dtype`` and ``autocast()``: a training ``Strategy``, or a wrapper of a plain
 model for inference. Every rank calls ``evaluate(runner)``; the metrics come back on all ranks.
-Every rank runs as many forwards as the rank with the most batches (``even_batches``).
+Every rank runs as many forwards as the rank with the most batches (``evaluation_forwards``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import torch
 
 from pipeline import dist
 from pipeline.boxes import box_cxcywh_to_xyxy
-from pipeline.data.collate import model_images
 from pipeline.data.errors import DataError
 from pipeline.data.panoptic_view import PanopticView
 from pipeline.eval.coco import CocoEvaluator
-from pipeline.eval.lockstep import even_batches
+from pipeline.eval.lockstep import evaluation_forwards
 from pipeline.eval.panoptic import PanopticEvaluator, read_panoptic_png
 from pipeline.eval.pictures import draw_segments
 from pipeline.eval.segmentation_inference import (
@@ -122,12 +121,7 @@ def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | Non
         boxes = CocoEvaluator(instances_json, things, iou_type="bbox") if instances_json else None
         metrics = SegmentationMetrics(coco, PanopticEvaluator(view.categories), SemanticEvaluator(len(names)),
                                       boxes)
-        for index, (batch, real) in enumerate(even_batches(loader)):
-            images = model_images(batch, strategy.device, strategy.compute_dtype)
-            with strategy.autocast():
-                outputs = strategy.module(images, batch["padding_mask"].to(strategy.device))
-            if not real:
-                continue  # padding: this forward only matches the other ranks' (ZeRO-3 gathers)
+        for index, batch, images, outputs in evaluation_forwards(loader, strategy):
             logits, masks = outputs["pred_logits"].float().cpu(), outputs["pred_masks"].float().cpu()
             boxes_xyxy = box_cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu())
             for i, target in enumerate(batch["targets"]):
