@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from pipeline.data.convert import coco_to_shards
 from pipeline.data.samples import make_samples
 from pipeline.dist import COLLECTIVE_TIMEOUT_ENV
+from tests.torchrun_env import torchrun_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(150)]
 
@@ -52,15 +52,7 @@ def _three_image_split(tmp_path: Path) -> Path:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    env[COLLECTIVE_TIMEOUT_ENV] = "30"
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    return torchrun_env(**{COLLECTIVE_TIMEOUT_ENV: "30"})
 
 
 def test_zero3_evaluation_with_uneven_batches_finishes_with_single_process_metrics(tmp_path):

@@ -4,13 +4,13 @@ no box (so no denoising queries) still finishes its steps with the other rank, n
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.torchrun_env import torchrun_env
 
 pytestmark = pytest.mark.dist
 
@@ -20,14 +20,7 @@ LAUNCH_TIMEOUT_S = 300  # a hang shows as a timeout
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    return torchrun_env()
 
 
 @pytest.mark.parametrize("zero_stage", [2])

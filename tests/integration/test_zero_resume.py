@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.torchrun_env import torchrun_env
+
 pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,14 +41,7 @@ def _load_worker():
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    return torchrun_env()
 
 
 def _command(run_dir: Path, zero_stage: int, *extra: str, nproc: int = 2) -> list[str]:
