@@ -108,12 +108,8 @@ def _add_config_commands(sub) -> None:
 
 
 def _add_data_commands(sub) -> None:
-    try:
-        from launch import data_cli
-    except ImportError:
-        data = sub.add_parser("data", help="make sample data and convert data sets to shards")
-        data.set_defaults(handler=lambda args: _not_yet("data"))
-        return
+    from launch import data_cli
+
     data_cli.register(sub)
 
 
@@ -128,11 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_config_commands(sub)
     return parser
-
-
-def _not_yet(what: str) -> int:
-    print(f"detrforge {what}: not available in this version yet (see the README's status table)")
-    return 0
 
 
 def _cmd_config_show(args) -> int:
