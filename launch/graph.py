@@ -142,7 +142,7 @@ def load_pipeline(path: str | Path, extra_overrides: list[str] | None = None) ->
             raise ConfigError(f"{where}: each stage needs 'name' and 'recipe'")
         _check_keys(entry, STAGE_KEYS, where)
         seeded = [s for s in specs if s.seed is not None]
-        for instance, seed in _seed_instances(entry, where):
+        for instance, seed in seed_instances(entry, where):
             spec = _stage_spec(path, instance, extra_overrides or [], [s.name for s in specs],
                                where, seeded)
             spec.group, spec.seed = str(entry["name"]), seed
@@ -155,7 +155,7 @@ def load_pipeline(path: str | Path, extra_overrides: list[str] | None = None) ->
     return Pipeline(name, path, specs)
 
 
-def _seed_instances(entry: dict, where: str) -> list[tuple[dict, int | None]]:
+def seed_instances(entry: dict, where: str) -> list[tuple[dict, int | None]]:
     """The entry itself, or one copy per seed named `<name>_s<seed>` with `train.seed=<seed>`
     appended to its overrides (so it wins over the entry's own)."""
     seeds = entry.get("seeds")

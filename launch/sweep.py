@@ -36,6 +36,7 @@ from launch.graph import (
     is_up_to_date,
     load_target,
     prepare_run_dir,
+    seed_instances,
     stage_inputs,
 )
 from launch.runner import run_one_stage
@@ -91,12 +92,12 @@ def short_keys(keys: list[str]) -> dict[str, str]:
     return {key: (part if last.count(part) == 1 else key) for key, part in zip(keys, last)}
 
 
-def point_name(stage: str, values: dict[str, str], seed: int | None) -> str:
-    """``detr`` + {lr: 1e-4, cost_class: 1} -> ``detr.lr_1e-4_cost_class_1`` (the name rule)."""
+def point_name(stage: str, values: dict[str, str]) -> str:
+    """``detr`` + {lr: 1e-4, cost_class: 1} -> ``detr.lr_1e-4_cost_class_1`` (the name rule;
+    seeds add ``_s<seed>`` as in pipeline files)."""
     short = short_keys(list(values))
     text = "_".join(f"{short[key]}_{value}" for key, value in values.items())
-    name = _UNSAFE.sub("_", f"{stage}.{text}") + (f"_s{seed}" if seed is not None else "")
-    return name
+    return _UNSAFE.sub("_", f"{stage}.{text}")
 
 
 def _raw_entry(pipeline: Pipeline, stage: str) -> dict:
@@ -129,16 +130,17 @@ def build_points(pipeline: Pipeline, stage: str, grid: dict[str, list[str]],
     points, names = [], set()
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
-        for seed in seeds:
-            name = point_name(stage, values, seed)
+        point = {**entry, "name": point_name(stage, values),
+                 "overrides": [*(entry.get("overrides") or []),
+                               *(f"{k}={v}" for k, v in values.items())]}
+        if seeds != [None]:  # the pipeline file's own rule: <name>_s<seed> with train.seed set
+            point["seeds"] = seeds
+        for point_entry, seed in seed_instances(point, f"{pipeline.path}: sweep"):
+            name = point_entry["name"]
             if name in names or name in {s.name for s in pipeline.stages}:
                 raise ConfigError(f"sweep point name {name!r} is not unique; sweep values that "
                                   "differ after '_' replaces characters other than [A-Za-z0-9_.-]")
             names.add(name)
-            extra = [f"{k}={v}" for k, v in values.items()]
-            extra += [f"train.seed={seed}"] if seed is not None else []
-            point_entry = {**entry, "name": name,
-                           "overrides": [*(entry.get("overrides") or []), *extra]}
             spec = _stage_spec(pipeline.path, point_entry, overrides, earlier,
                                f"{pipeline.path}: sweep point {name}")
             spec.group, spec.seed = stage, seed
