@@ -154,12 +154,22 @@ class StageJob(submitit.helpers.Checkpointable):
         stop_signal = preempt_signal()
         submitit_handler = signal.getsignal(stop_signal)
         can_requeue = context.rank == 0 and callable(submitit_handler)
+        handed_off = False
+
+        def requeue(*_: Any) -> None:
+            # submitit's handler calls self.checkpoint(), requeues the job and exits this process
+            # (SystemExit). Ours stays installed from here on: the SIGTERM that SLURM sends with
+            # the requeue must not enter submitit's handler a second time, whose second
+            # `scontrol requeue` fails and would be stored as the job's result.
+            nonlocal handed_off
+            handed_off = True
+            submitit_handler(stop_signal, None)
 
         def on_stop(signum: int, frame: Any) -> None:
             first = not context.stop_requested()
             context.request_stop()
             if first and can_requeue and self.stop_grace_s is not None:
-                signal.signal(signal.SIGALRM, lambda *_: submitit_handler(stop_signal, None))
+                signal.signal(signal.SIGALRM, requeue)
                 signal.setitimer(signal.ITIMER_REAL, self.stop_grace_s)
 
         signal.signal(stop_signal, on_stop)
@@ -167,13 +177,11 @@ class StageJob(submitit.helpers.Checkpointable):
             result = function(**self.kwargs, job=context)
             signal.setitimer(signal.ITIMER_REAL, 0)  # returned within the grace time
             if context.stop_requested() and can_requeue:
-                # submitit's handler calls self.checkpoint(), requeues the job and exits this
-                # process. Ours stays installed meanwhile: the signals that come with the requeue
-                # must not enter submitit's handler a second time.
-                submitit_handler(stop_signal, None)
+                requeue()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(stop_signal, submitit_handler)
+            if not handed_off:
+                signal.signal(stop_signal, submitit_handler)
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:

@@ -41,12 +41,14 @@ def _env(url: str) -> dict[str, str]:
     return env
 
 
-def _argv(workdir: Path) -> list[str]:
+def _argv(workdir: Path, samples: Path) -> list[str]:
+    """The stage on its own generated samples: a fresh clone has no data/samples."""
     exe = Path(sys.executable).parent / "detrforge"
-    return [str(exe), "run", str(BACKBONE_TINY), "--workdir", str(workdir), *OVERRIDES]
+    return [str(exe), "run", str(BACKBONE_TINY), "--workdir", str(workdir),
+            f"data.shards={samples}/classify", *OVERRIDES]
 
 
-def _wait_for(what: str, ready, process: subprocess.Popen | None = None):
+def _wait_for(what: str, ready, process: subprocess.Popen | None = None, log: Path | None = None):
     """Poll ready() until it returns something truthy (the stage must still be alive)."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -54,7 +56,8 @@ def _wait_for(what: str, ready, process: subprocess.Popen | None = None):
         if value:
             return value
         if process is not None and process.poll() is not None:
-            pytest.fail(f"the stage exited ({process.returncode}) before {what}")
+            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+            pytest.fail(f"the stage exited ({process.returncode}) before {what}:\n{tail}")
         time.sleep(0.1)
     pytest.fail(f"timed out waiting for {what}")
 
@@ -95,19 +98,24 @@ def server(tmp_path):
 
 
 def test_server_and_stage_killed_during_the_outage_lose_no_metric(server, tmp_path):
+    from pipeline.data.samples import make_samples
+
+    samples = tmp_path / "samples"
+    make_samples(samples, size="tiny", seed=0)
     workdir = tmp_path / "runs"
     run = RunFolder(workdir / "tiny" / "tiny")
-    log = (tmp_path / "first.log").open("wb")
-    first = subprocess.Popen(_argv(workdir), cwd=ROOT, env=_env(server.url), stdout=log,
+    log_path = tmp_path / "first.log"
+    log = log_path.open("wb")
+    first = subprocess.Popen(_argv(workdir, samples), cwd=ROOT, env=_env(server.url), stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # The run exists and MLflow acknowledged some lines: then the server dies.
         acked = _wait_for("MLflow acknowledged a line",
-                          lambda: _sent(run) if _sent(run).get("offset") else None, first)
+                          lambda: _sent(run) if _sent(run).get("offset") else None, first, log_path)
         server.kill()
         # Steps go on during the outage: lines MLflow never got, and a complete checkpoint.
         _wait_for("unsent lines and a complete checkpoint",
-                  lambda: len(_unsent_lines(run)) >= 2 and run.complete_step_dirs(), first)
+                  lambda: len(_unsent_lines(run)) >= 2 and run.complete_step_dirs(), first, log_path)
         _kill_group(first)
     finally:
         if first.poll() is None:
@@ -119,7 +127,7 @@ def test_server_and_stage_killed_during_the_outage_lose_no_metric(server, tmp_pa
     assert _sent(run)["run_id"] == acked["run_id"]
 
     server.start(timeout_s=WAIT_S)
-    second = subprocess.run(_argv(workdir), cwd=ROOT, env=_env(server.url), capture_output=True,
+    second = subprocess.run(_argv(workdir, samples), cwd=ROOT, env=_env(server.url), capture_output=True,
                             text=True, timeout=WAIT_S)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "that MLflow had not received" in second.stderr, second.stderr[-3000:]

@@ -172,6 +172,25 @@ def test_preempt_signal_becomes_a_stop_request_and_handler_is_restored(tmp_path,
     assert (tmp_path / STOP_FILE_NAME).read_text().strip() == "direct:0"
 
 
+def test_the_signal_that_comes_with_the_requeue_does_not_requeue_twice(tmp_path, outside_any_job):
+    # submitit's handler requeues the job and exits; SLURM's SIGTERM for that requeue must not
+    # reach it again (a second `scontrol requeue` fails and becomes the job's stored result).
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)
+
+    before = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit):
+            StageJob("launch.selftest:signal_self", {}, tmp_path)()
+        os.kill(os.getpid(), signal.SIGUSR2)  # the requeue's signal, after the hand-off
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_stop_request_of_an_older_attempt_is_ignored(tmp_path):
     context = JobContext(str(tmp_path), str(tmp_path / STOP_FILE_NAME), "17", 1, 0, 1, 0)
     (tmp_path / STOP_FILE_NAME).write_text("17:0\n")
