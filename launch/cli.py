@@ -232,8 +232,10 @@ def _cmd_ui(args) -> int:
     viewer = Viewer(Path(args.workdir), args.host, args.port)
     try:
         seconds = viewer.wait_ready()
-        print(f"MLflow UI ready at {viewer.url} after {seconds:.1f} s (Ctrl-C stops it)",
-              flush=True)
+        print(f"MLflow UI ready at {viewer.url} after {seconds:.1f} s (Ctrl-C stops it)")
+        for name, url in viewer.training_links(args.workdir):
+            print(f"  {name}: {url}")
+        sys.stdout.flush()
         return viewer.process.wait()
     finally:
         viewer.stop()

@@ -133,7 +133,7 @@ def print_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> None:
         version = row.get("model_version")
         model = f"{pipeline.name}.{row['stage']} v{version}" if version else "-"
         print(f"{row['stage']:14s} {row['status']:22s} {took}  {_metric_text(row):18s} {model}")
-    print(f"MLflow: detrforge ui --workdir {workdir}   (then open http://127.0.0.1:5000)")
+    print(f"MLflow: detrforge ui --workdir {workdir}   (it prints each experiment's link)")
 
 
 def show_status(target: str | Path, workdir: Path) -> int:

@@ -14,7 +14,18 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipeline.tracking.base import UI_ENV, TrackingError, ui_command
+from pipeline.tracking.base import (
+    EXPERIMENT_KIND_TAG,
+    UI_ENV,
+    TrackingError,
+    embedded_tracking_uri,
+    mlflow_client,
+    ui_command,
+)
+
+# MLflow 3's UI opens in its GenAI mode unless the page's URL (or the choice a browser stored
+# earlier) says otherwise; this query parameter opens the model-training view.
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 class Viewer:
@@ -46,6 +57,16 @@ class Viewer:
         self.stop()
         raise TrackingError(f"pipeline/tracking: the MLflow viewer at {self.url} did not answer "
                             f"within {timeout_s:.0f} s")
+
+    def training_links(self, workdir: str | Path) -> list[tuple[str, str]]:
+        """(experiment name, URL of its runs in the model-training view) for each detrforge
+        experiment in the workdir's store; [] before the first stage ran."""
+        if not (Path(workdir) / "mlflow.db").is_file():
+            return []
+        client = mlflow_client(embedded_tracking_uri(workdir))
+        return [(e.name, f"{self.url}/#/experiments/{e.experiment_id}/runs?{TRAINING_VIEW}")
+                for e in client.search_experiments()
+                if e.tags.get(EXPERIMENT_KIND_TAG) == "custom_model_development"]
 
     def stop(self) -> None:
         """Stop the server and its worker (the whole process group)."""

@@ -125,7 +125,9 @@ def test_viewer_pages_in_headless_chromium(finished_pipeline, viewer):
     default = browse(f"{base}/runs", "experiment_default_mode", "Training runs")
     assert "Training runs" in default
     training = "workflowType=machine_learning"
-    listing = browse(f"{base}/runs?{training}", "experiment", "matching runs")
+    link = dict(viewer.training_links(finished_pipeline))[experiment.name]  # what `ui` prints
+    assert link == f"{base}/runs?{training}"
+    listing = browse(link, "experiment", "matching runs")
     assert "Model training" in listing and "uipipe" in listing  # the pipeline's parent run
     assert "<strong>3</strong> matching runs" in listing  # parent + the two stages
     run = runs["detr"].info.run_id

@@ -120,6 +120,7 @@ def test_registry_promote_then_list_and_errors(registry_workdir, tmp_path, capsy
 @covers("ui")
 def test_ui_starts_the_light_viewer_on_the_workdir_store(tmp_path, monkeypatch, capsys):
     import pipeline.tracking.viewer as viewer_module
+    from pipeline.tracking import TrackingConfig, build_tracker
 
     started = []
 
@@ -140,9 +141,17 @@ def test_ui_starts_the_light_viewer_on_the_workdir_store(tmp_path, monkeypatch, 
         def stop(self):
             self.stopped = True
 
+        training_links = viewer_module.Viewer.training_links
+
     monkeypatch.setattr(viewer_module, "Viewer", FakeViewer)
+    tracker = build_tracker(TrackingConfig(experiment="mine", finish_timeout_s=10.0), tmp_path, 0,
+                            "stage")
+    tracker.finish()
     code, out, _ = run_cli(capsys, "ui", "--workdir", tmp_path, "--port", "5999")
     assert code == 0 and "ready at http://127.0.0.1:5999" in out
+    # The link opens the experiment's runs in the model-training view, not MLflow's GenAI mode.
+    assert "  mine: http://127.0.0.1:5999/#/experiments/" in out
+    assert "/runs?workflowType=machine_learning" in out
     assert started == [(tmp_path, "127.0.0.1", 5999)]
 
 
