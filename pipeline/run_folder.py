@@ -33,6 +33,7 @@ LOGS_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
 METRICS_SENT_FILE = "metrics.sent"  # {"run_id", "offset"}: what MLflow acknowledged
 ARTIFACTS_DIR = "artifacts"  # what a stage's evaluation draws (prediction pictures)
+EVALUATIONS_DIR = "evaluations"
 # An export folder (inside a run folder, or downloaded from the registry).
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -100,6 +101,14 @@ class RunFolder:
     @property
     def artifacts_dir(self) -> Path:
         return self.root / ARTIFACTS_DIR
+
+    @property
+    def evaluations_dir(self) -> Path:
+        """Copies of the pictures and reports of every evaluation, one folder per step."""
+        return self.artifacts_dir / EVALUATIONS_DIR
+
+    def evaluation_dir(self, step: int) -> Path:
+        return self.evaluations_dir / f"step_{step:06d}"
 
     def create(self) -> RunFolder:
         """Make the folders (idempotent)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ def _callbacks(ctx: StageContext, train: TrainConfig, parts: StageParts, strateg
                                  *([ema] if ema is not None else [])]
     if train.eval_every:
         callbacks.append(PeriodicEval(
-            lambda state: _eval_and_log(parts, strategy, tracker, state.step), train.eval_every))
+            lambda state: _eval_and_log(parts, strategy, tracker, state.step, ctx.run_dir),
+            train.eval_every))
     callbacks += [NonFiniteGuard(train.max_nonfinite_in_a_row, save=save_diverged),
                   PeriodicCheckpoint(save, train.checkpoint_every, at_end=True), stop]
     if train.progress_bar and dist.is_main():
@@ -194,14 +196,33 @@ def _with_group_lrs(step_out: tuple[torch.Tensor, dict[str, float]], strategy: S
     return loss, metrics
 
 
-def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int) -> dict[str, float]:
+def _eval_and_log(parts: StageParts, strategy: Strategy, tracker, step: int,
+                  run_dir: Path) -> dict[str, float]:
     _share_rank0_buffers(strategy.module)
     strategy.eval()
     with torch.no_grad():
         metrics = parts.evaluate(strategy)
     strategy.train()
     tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+    if dist.is_main():
+        _log_evaluation_pictures(RunFolder(run_dir), tracker, step)
     return metrics
+
+
+def _log_evaluation_pictures(run: RunFolder, tracker, step: int) -> None:
+    """Copy what this evaluation drew (pictures of the same validation images each time, the
+    inspector report) to `artifacts/evaluations/step_<N>/` and log that copy to MLflow now, so
+    progress is visible while the stage trains. A copy, because the next evaluation overwrites
+    the pictures and the tracker sends artifacts from its own thread, later."""
+    drawn = [p for p in run.artifacts_dir.glob("*") if p.is_dir() and p != run.evaluations_dir] \
+        if run.artifacts_dir.is_dir() else []
+    if not drawn:
+        return
+    snapshot = run.evaluation_dir(step)
+    shutil.rmtree(snapshot, ignore_errors=True)  # a resumed run evaluates this step again
+    for folder in drawn:
+        shutil.copytree(folder, snapshot / folder.name)
+    tracker.log_artifacts(snapshot, snapshot.relative_to(run.root).as_posix())
 
 
 def _share_rank0_buffers(module: nn.Module) -> None:
@@ -265,7 +286,7 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
         return StageResult(ctx.stage, "stopped", start=outcome.kind, run_id=tracker.run_id,
                            seconds=time.time() - started)
     metrics = _final_metrics(callbacks, state.step) or _eval_and_log(parts, strategy, tracker,
-                                                                      state.step)
+                                                                      state.step, ctx.run_dir)
     stage_result = _finish(ctx, cfg, parts, strategy, tracker, metrics, outcome.kind, inputs)
     stage_result.seconds = time.time() - started
     dist.barrier()
@@ -312,8 +333,9 @@ def _finish(ctx: StageContext, cfg: Any, parts: StageParts, strategy: Strategy, 
             "pipeline": ctx.pipeline}
     write_export(export_dir, state_dict, meta)
     result.export_dir = str(export_dir)
-    if run.artifacts_dir.is_dir():  # prediction pictures of the evaluation
-        tracker.log_artifacts(run.artifacts_dir, run.artifacts_dir.name)
+    for folder in sorted(run.artifacts_dir.glob("*")):  # the last evaluation's pictures
+        if folder.is_dir() and folder != run.evaluations_dir:  # (logged at each evaluation)
+            tracker.log_artifacts(folder, folder.relative_to(run.root).as_posix())
     result.model_version = register_export(ctx, cfg, tracker, export_dir, inputs, metrics,
                                      parts.main_metric)
     tracker.finish("FINISHED")

@@ -104,6 +104,13 @@ def test_store_holds_training_runs_with_curves_and_lineage(finished_pipeline):
     detr, domain = runs["detr"], runs["domain"]
     ap = [m.step for m in client.get_metric_history(detr.info.run_id, "eval/AP")]
     assert sorted(ap) == [2, 4]  # a curve, not a dot
+    # The pictures of each evaluation, logged when it happened, and the last ones at the end.
+    logged = {a.path for a in client.list_artifacts(detr.info.run_id, "artifacts/evaluations")}
+    assert logged == {"artifacts/evaluations/step_000002", "artifacts/evaluations/step_000004"}
+    pictures = client.list_artifacts(detr.info.run_id,
+                                     "artifacts/evaluations/step_000002/predictions")
+    assert any(a.path.endswith(".png") for a in pictures)
+    assert client.list_artifacts(detr.info.run_id, "artifacts/predictions")
     assert "eval/APl" not in detr.data.metrics or detr.data.metrics["eval/APl"] != -1
     assert any(k.startswith("train/lr/") for k in detr.data.metrics)
     assert {"train/loss_ce", "train/loss_bbox", "train/loss_giou"} <= set(detr.data.metrics)
