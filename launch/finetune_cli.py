@@ -6,13 +6,15 @@ the inputs' content hash), the schedule and class-mapping rules of ``pipeline.fi
 a generated pipeline file run by ``launch.runner.run_target`` (or submitted with ``--cluster``)
 like any other. What it writes, under ``<workdir>/<name>/``:
 
-    pipeline.yaml         one stage, `finetune`, of kind domain_finetune (rerun it with `detrforge run`)
+    pipeline.yaml         one stage, `finetune`, of kind domain_finetune (--task segment:
+                          segment_finetune); rerun it with `detrforge run`
     finetune.yaml         the resolved recipe (planned schedule, sizes, architecture)
     plan.json             the plan's values and why each was chosen
     data_check_*.md       the doctor's reports
     inputs/init-<key>/    the pretrained export with its class head mapped to the new classes
+    inputs/panoptic-<key>/  --task segment: the val masks as panoptic ground truth (PQ, mIoU)
     finetune/             the stage's run folder; the model is registered as `<name>.finetune`
-    per_class_ap.json     the evaluation's per-class AP table
+    per_class_ap.json     detect: the evaluation's per-class AP table
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def register(sub) -> None:
     ft.add_argument("--from", dest="source", metavar="MODEL",
                     help="pretrained detector: models:/<name>@<alias>, an export or run folder "
                          "(default: the newest registered detector of the workdir)")
-    ft.add_argument("--task", choices=("detect", "segment"), default="detect")
+    ft.add_argument("--task", choices=("detect", "segment"), default="detect",
+                    help="segment: train a mask head too (the jsons need instance masks)")
     budget = ft.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="training budget in minutes")
     budget.add_argument("--steps", type=int, help="training steps (default: by data-set size)")
@@ -179,18 +182,40 @@ def write_files(folder: Path, recipe: dict, overrides: list[str], schedule, extr
     return folder / PIPELINE_FILE
 
 
+def check_masks(train, val) -> None:
+    """--task segment: every annotation of both splits has a mask (one line naming the file)."""
+    from pipeline.data.coco_clean import load_coco_json
+    from pipeline.finetune_masks import check_masks as check
+
+    for split in (train, val):
+        check(split.annotations, load_coco_json(split.annotations).get("annotations") or [])
+
+
+def segment_inputs(shards: Path, folder: Path) -> Path:
+    """The panoptic view of the val split's masks (cached by the cleaned file's content)."""
+    from pipeline.data.shards import load_shard_info
+    from pipeline.finetune_masks import panoptic_key, write_things_panoptic
+
+    instances = load_shard_info(shards / "val").annotation_path
+    return write_things_panoptic(instances, folder / "inputs" / f"panoptic-{panoptic_key(instances)}")
+
+
 def prepare(args, workdir: Path, name: str) -> Path:
     """Doctor, plan, convert, map classes, write the files; returns the pipeline file."""
     from pipeline.data.shards import load_shard_info
     from pipeline.finetune_classes import mapped_export_key, write_mapped_export
     from pipeline.finetune_data import convert_splits
     from pipeline.finetune_plan import PlanError
-    from pipeline.finetune_recipe import build_recipe
+    from pipeline.finetune_recipe import build_recipe, build_segment_recipe, segmenter_section
     from pipeline.inference.model_io import read_meta
 
     train, val = _splits(args)
+    if args.task == "segment":
+        check_masks(train, val)
     source, export = resolve_source(args, workdir, name)
     meta = read_meta(export)
+    if args.task == "segment":  # a detector that cannot carry a mask head stops before any work
+        segmenter_section(meta.get("detector") or {}, source)
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -206,7 +231,11 @@ def prepare(args, workdir: Path, name: str) -> Path:
     init, mapping = write_mapped_export(export, categories, init)
     print(f"from {source}: {mapping.describe()}")
     print("plan:\n  " + "\n  ".join(schedule.reasons))
-    recipe = build_recipe(meta, schedule, shards, init, folder, stats.images, args.processes)
+    if args.task == "segment":
+        recipe = build_segment_recipe(meta, schedule, shards, init, folder, stats.images,
+                                      segment_inputs(shards, folder), source, args.processes)
+    else:
+        recipe = build_recipe(meta, schedule, shards, init, folder, stats.images, args.processes)
     return write_files(folder, recipe, args.overrides, schedule,
                        {"from": source, "class_mapping": mapping.kept, "shards": str(shards)})
 
@@ -244,16 +273,33 @@ def _val_loader(predictor):
     return build_detection_loader(cfg, "val", 0, 1), annotations
 
 
-def report_run(pipeline_file: Path, workdir: Path) -> None:
-    """Per-class AP, then where the pictures, the MLflow run and the registered model are."""
+# The stage's segmentation metrics worth a line each (DONE.json has them all).
+SEGMENT_METRICS = ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "PQ", "SQ", "RQ", "mIoU")
+
+
+def report_run(pipeline_file: Path, workdir: Path, task: str) -> None:
+    """detect: per-class AP; segment: the stage's mask AP, PQ and mIoU. Then where the pictures,
+    the MLflow run and the registered model are."""
     from pipeline.inference.evaluate import format_report
     from stages.common import read_done
 
     folder = pipeline_file.parent
     run_dir = folder / STAGE
-    done = read_done(run_dir) or {}
-    print(format_report(per_class_report(run_dir, folder)))
-    print(f"pictures:   {run_dir / 'artifacts' / 'predictions'}")
+    if task == "segment":
+        metrics = (read_done(run_dir) or {}).get("metrics") or {}
+        print(format_report({"metrics": {k: metrics[k] for k in SEGMENT_METRICS if k in metrics}}))
+        print(f"pictures:   {run_dir / 'artifacts' / 'segmentation'}")
+    else:
+        print(format_report(per_class_report(run_dir, folder)))
+        print(f"pictures:   {run_dir / 'artifacts' / 'predictions'}")
+    print_model(pipeline_file, workdir)
+
+
+def print_model(pipeline_file: Path, workdir: Path) -> None:
+    """The stage's MLflow run and registered model, and how to rerun it."""
+    from stages.common import read_done
+
+    done = read_done(pipeline_file.parent / STAGE) or {}
     print(f"MLflow run: {done.get('mlflow_run_id')}  (detrforge ui --workdir {workdir})")
     version = done.get("model_version")
     model = f"models:/{done.get('registered_model')}/{version}" if version else "not registered"
@@ -271,9 +317,6 @@ def cmd_finetune(args) -> int:
     from launch.graph import check_name
     from launch.runner import run_target, submit_pipeline
 
-    if args.task == "segment":
-        raise CliError("detrforge finetune --task segment: not available yet (it needs panoptic "
-                       "annotations); write a segment_finetune recipe and use `detrforge run`")
     if args.processes < 1:
         raise CliError(f"--processes must be >= 1, got {args.processes}")
     workdir = Path(args.workdir).resolve()
@@ -281,13 +324,17 @@ def cmd_finetune(args) -> int:
                       "detrforge finetune")
     pipeline_file = prepare(args, workdir, name)
     print(f"recipe: {pipeline_file.parent / RECIPE_FILE}")
+    up_to_date = _stage_up_to_date(pipeline_file, workdir)
+    if up_to_date:
+        print(f"stage {name}/{STAGE} is up to date: nothing to train")
     if args.cluster:
         code = submit_pipeline(pipeline_file, Path(args.cluster), workdir)
-        print(f"then: detrforge status {pipeline_file} --workdir {workdir}")
+        if up_to_date:
+            print_model(pipeline_file, workdir)
+        else:
+            print(f"then: detrforge status {pipeline_file} --workdir {workdir}")
         return code
-    if _stage_up_to_date(pipeline_file, workdir):
-        print(f"stage {name}/{STAGE} is up to date: nothing to train")
     code = run_target(pipeline_file, [], workdir)
     if code == 0:
-        report_run(pipeline_file, workdir)
+        report_run(pipeline_file, workdir, args.task)
     return code

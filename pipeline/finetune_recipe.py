@@ -1,4 +1,5 @@
-"""The recipe `detrforge finetune` writes: a plain ``domain_finetune`` recipe, readable and editable.
+"""The recipe `detrforge finetune` writes: a plain ``domain_finetune`` recipe (``--task segment``:
+``segment_finetune``), readable and editable.
 
 Built from the pretrained export's meta.json (architecture, and the recipe it was trained with)
 and the planned :class:`~pipeline.finetune_plan.Schedule`. Only keys the current schemas know are
@@ -20,8 +21,14 @@ from pipeline.engine.strategy import StrategyConfig
 from pipeline.eval.detection import DetectionEvalConfig
 from pipeline.finetune_plan import Schedule
 from pipeline.losses.set_criterion import CriterionConfig
+from pipeline.models.mask_head import SegmenterConfig
 
 STAGE_KIND = "domain_finetune"
+SEGMENT_STAGE_KIND = "segment_finetune"
+# configs/stages/segment_finetune/tiny.yaml's mask losses (Mask2Former's weights) and sampled
+# points: 28 x 28 per 32 x 32 mask there, at most Mask2Former's 112 x 112.
+MASK_WEIGHTS = {"mask": 5.0, "dice": 5.0}
+MASK_POINTS_PER_SIDE, MAX_MASK_POINTS_SIDE = 28 / 32, 112
 # DETR's crop branch at its 800 px evaluation size, scaled to the planned size.
 DETR_EVAL_SIZE = 800
 DETR_CROP = {"crop_resize_scales": [400, 500, 600], "crop_min_size": 384, "crop_max_size": 600}
@@ -111,3 +118,48 @@ def build_recipe(meta: dict, schedule: Schedule, shards: Path, init_export: Path
         "eval": filtered(DetectionEvalConfig, config.get("eval") or {}),
         "freeze": "none",
     }
+
+
+class RecipeError(ValueError):
+    """The pretrained model cannot become the asked-for stage's model."""
+
+
+def segmenter_section(detector: dict, source: str) -> dict:
+    """The detector plus a mask head as wide as its transformer (tiny.yaml, Mask2Former: equal),
+    at stride 4; RecipeError naming ``source`` when the detector cannot carry one."""
+    model = {"detector": model_section(detector),
+             "mask_head": {"mask_dim": int(detector.get("hidden_dim", 256)), "pixel_stride": 4},
+             "mask_attention": "none"}
+    try:
+        SegmenterConfig(**model)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"--task segment: the detector of {source} cannot take a mask head "
+                          f"({err}); start from a Deformable DETR export") from None
+    return model
+
+
+def mask_points(eval_size: int, pixel_stride: int = 4) -> int:
+    """Points sampled per mask: a square of 28/32 of the mask's side, at most 112 x 112."""
+    side = min(MAX_MASK_POINTS_SIDE, max(1, round(eval_size / pixel_stride * MASK_POINTS_PER_SIDE)))
+    return side * side
+
+
+def build_segment_recipe(meta: dict, schedule: Schedule, shards: Path, init_export: Path,
+                         recipe_dir: Path, images: int, panoptic_dir: Path, source: str,
+                         processes: int = 1, seed: int = 0) -> dict:
+    """The ``segment_finetune`` recipe: the detection recipe's data, schedule and strategy, the
+    detector with a mask head, mask losses, segmentation evaluation, the panoptic view."""
+    recipe = build_recipe(meta, schedule, shards, init_export, recipe_dir, images, processes, seed)
+    detector = meta["detector"]
+    criterion = recipe["criterion"]
+    criterion["weights"] = {**criterion.get("weights", {}), **MASK_WEIGHTS}
+    criterion["masks"] = {"num_points": mask_points(schedule.eval_size)}
+    # tiny.yaml's thresholds: the segmenter's sigmoid (focal) class scores run lower than
+    # MaskFormer's softmax ones
+    evaluation = {"object_mask_threshold": 0.4, "overlap_threshold": 0.8,
+                  "pictures": recipe["eval"].get("pictures", 4)}
+    return {"stage": SEGMENT_STAGE_KIND, "data": recipe["data"], "init_from": recipe["init_from"],
+            "panoptic_annotations": relative(panoptic_dir, recipe_dir),
+            "model": segmenter_section(detector, source),
+            "criterion": criterion, "optim": recipe["optim"], "strategy": recipe["strategy"],
+            "train": recipe["train"], "eval": evaluation}
