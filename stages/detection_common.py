@@ -1,8 +1,8 @@
 """Wiring shared by the detection stages (DETR pretraining, domain fine-tuning).
 
-The detector, the set criterion and the task step shared with the segmentation stage; COCO
-evaluation is ``pipeline.eval.detection``. Stages differ in their inputs (backbone
-weights vs a whole detector) and freezing policy only.
+The detector, the set criterion, the task step and the inspector hook shared with the
+segmentation stage; COCO evaluation is ``pipeline.eval.detection``. Stages differ in their
+inputs (backbone weights vs a whole detector) and freezing policy only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pipeline.data.collate import model_images
 from pipeline.data.detection import DetectionDataConfig, build_detection_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.eval.detection import DetectionEvalConfig, coco_evaluate, truth_pixels
+from pipeline.eval.segmentation import SegmentationEvalConfig
+from pipeline.inference.model_io import ModelSpec
 from pipeline.losses.denoising import build_dino_criterion
 from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
 from pipeline.models import DetectorConfig, build_detector
@@ -60,18 +62,31 @@ def set_prediction_step(criterion: SetCriterion, weights: dict[str, float], free
     return task_step
 
 
-def inspector_hook(folder: Path, model_cfg: DetectorConfig, data: DetectionDataConfig,
-                   criterion_cfg: CriterionConfig, eval_cfg: DetectionEvalConfig, names: list[str],
-                   categories: list[dict]):
-    """(model, first val batch) -> the inspector report of its first ``eval.inspect_images``
-    images in ``folder`` (rewritten at each evaluation: the last one is the stage's end)."""
-    from pipeline.inference.model_io import ModelSpec
-    from pipeline.inspect.collect import InspectConfig
+def _ground_truth(target: dict, model_labels: list[int | None] | None):
+    """A val target's objects as the report's GroundTruth: pixels of the resized image, labels in
+    the model's space (objects of no model class left out)."""
     from pipeline.inspect.ground_truth import GroundTruth
+
+    truth = truth_pixels([target])[0]
+    labels = truth["labels"].long().tolist()
+    mapped = labels if model_labels is None else [model_labels[label] for label in labels]
+    kept = [i for i, label in enumerate(mapped) if label is not None]
+    return GroundTruth(truth["boxes"][kept], torch.tensor([mapped[i] for i in kept], dtype=torch.int64),
+                       kept)
+
+
+def inspector_hook(folder: Path, spec: ModelSpec, criterion_cfg: CriterionConfig,
+                   eval_cfg: DetectionEvalConfig | SegmentationEvalConfig,
+                   model_labels: list[int | None] | None = None):
+    """(model, first val batch) -> the inspector report of its first ``eval.inspect_images``
+    images in ``folder`` (rewritten at each evaluation: the last one is the stage's end).
+
+    ``model_labels[label]`` is the model's label of a batch label (None: not a class of the
+    model, left out of the report) when the val loader's label space is not the model's; None
+    when they are the same."""
+    from pipeline.inspect.collect import InspectConfig
     from pipeline.inspect.inspector import InspectInput, inspect_images
 
-    spec = ModelSpec("detector", model_cfg, names, categories, data.eval_size, data.max_size,
-                     data.size_divisibility, model_cfg.focal)
     meta = {"config": {"criterion": dataclasses.asdict(criterion_cfg)}}
 
     def inspect(module, batch: dict) -> None:
@@ -82,9 +97,7 @@ def inspector_hook(folder: Path, model_cfg: DetectorConfig, data: DetectionDataC
         for i, target in enumerate(batch["targets"][:eval_cfg.inspect_images]):
             h, w = (int(v) for v in target["size"])
             image = Image.fromarray(batch["images"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy())
-            truth = truth_pixels([target])[0]
-            gt = GroundTruth(truth["boxes"], truth["labels"].long(), list(range(len(truth["labels"]))))
-            items.append(InspectInput(f"val_{i:02d}", image, gt))
+            items.append(InspectInput(f"val_{i:02d}", image, _ground_truth(target, model_labels)))
         device = next(model.parameters()).device
         try:
             inspect_images(model, spec, meta, items, folder,
@@ -111,15 +124,16 @@ def detection_parts(ctx: StageContext, env: dist.DistEnv, data: DetectionDataCon
         raise FileNotFoundError(f"{data.shards}/val has no annotation file beside its shards; "
                                 "convert it with `detrforge data coco-to-shards`")
     names = train_loader.category_map.names
+    spec = ModelSpec("detector", model_cfg, names, train_loader.categories, data.eval_size,
+                     data.max_size, data.size_divisibility, focal)
     return StageParts(
         model=model, loader=train_loader,
         task_step=set_prediction_step(criterion, criterion_cfg.weights.as_dict(),
                                       model_cfg.backbone.freeze_steps),
         evaluate=coco_evaluate(val_loader, annotations, focal, eval_cfg,
                                ctx.run_dir / "artifacts" / "predictions",
-                               inspector_hook(ctx.run_dir / "artifacts" / "inspect", model_cfg, data,
-                                              criterion_cfg, eval_cfg, names,
-                                              train_loader.categories)),
+                               inspector_hook(ctx.run_dir / "artifacts" / "inspect", spec,
+                                              criterion_cfg, eval_cfg)),
         micro_batch_size=data.batch_size, main_metric="AP",
         images_per_step=data.batch_size * env.world_size,
         meta={"kind": "detector", "detector": dataclasses.asdict(model_cfg),

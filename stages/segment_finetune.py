@@ -4,7 +4,9 @@ The Deformable DETR export of the detection stage (``init_from``) is loaded part
 decoder and the mask embedding are new and reported missing; the class head, which grows from
 the thing classes to things + stuff, is reported shape-mismatched and starts fresh. Evaluation
 gives COCO segm AP (things), PQ / SQ / RQ (all, things, stuff) and mIoU; the main metric is PQ.
-Pictures of predicted segments on validation images go to ``<run_dir>/artifacts/segmentation/``.
+Pictures of predicted segments on validation images go to ``<run_dir>/artifacts/segmentation/``,
+the inspector report of the first ones (each query's box, points and mask) to
+``<run_dir>/artifacts/inspect/``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from pathlib import Path
 
 from pipeline.config import path_field
 from pipeline.data.detection import DetectionDataConfig
-from pipeline.data.panoptic_view import build_segmentation_loader, load_panoptic_view
+from pipeline.data.panoptic_view import PanopticView, build_segmentation_loader, load_panoptic_view
 from pipeline.data.shards import load_shard_info
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
 from pipeline.eval.segmentation import SegmentationEvalConfig, segmentation_evaluate
+from pipeline.inference.model_io import ModelSpec
 from pipeline.losses.masks import MaskLossConfig
 from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
 from pipeline.models.mask_head import SegmenterConfig, build_segmenter
 from pipeline.tracking import TrackingConfig
 from stages.common import StageContext, StageParts, StageResult, TrainConfig, train_stage
-from stages.detection_common import set_prediction_step
+from stages.detection_common import inspector_hook, set_prediction_step
 from stages.inputs import data_fingerprint, resolve_init
 
 
@@ -53,6 +56,13 @@ class Config:
             raise ValueError("criterion.masks must be set for segmentation (a MaskLossConfig mapping)")
 
 
+def segmenter_labels(loader_categories: list[dict], view: PanopticView) -> list[int | None]:
+    """The segmenter's label of each label of a loader read without a view (its labels index the
+    shards' categories), by category id: the segmenter's classes are the view's things + stuff."""
+    label_of = view.label_of
+    return [label_of.get(int(c["id"])) for c in loader_categories]
+
+
 def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
     """Loaders (things + stuff), segmenter (class count from the data), criterion, step, evaluation."""
     data = dataclasses.replace(cfg.data, with_masks=True)
@@ -68,17 +78,24 @@ def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
     criterion = SetCriterion.from_config(cfg.criterion, num_classes, detector.focal)
     instances = load_shard_info(Path(data.shards) / "val").annotation_path
     model = build_segmenter(model_cfg)
+    categories = list(train_view.categories)
+    names = [str(c.get("name", c["id"])) for c in categories]
+    spec = ModelSpec("segmenter", model_cfg, names, categories, data.eval_size, data.max_size,
+                     data.size_divisibility, detector.focal)
+    # The val loader reads no view, so its targets are the shards' thing instances: the report's
+    # ground-truth rows are things only (stuff carries no instance box; PQ and mIoU score it).
+    inspect = inspector_hook(ctx.run_dir / "artifacts" / "inspect", spec, cfg.criterion, cfg.eval,
+                             segmenter_labels(val_loader.categories, train_view))
     return StageParts(
         model=model, loader=train_loader,
         task_step=set_prediction_step(criterion, cfg.criterion.weights.as_dict(),
                                          detector.backbone.freeze_steps),
         evaluate=segmentation_evaluate(val_loader, val_view, instances, detector.focal, cfg.eval,
-                                       ctx.run_dir / "artifacts" / "segmentation"),
+                                       ctx.run_dir / "artifacts" / "segmentation", inspect),
         micro_batch_size=data.batch_size, main_metric="PQ",
         images_per_step=data.batch_size * env.world_size,
-        meta={"kind": "segmenter", "segmenter": dataclasses.asdict(model_cfg),
-              "class_names": [str(c.get("name", c["id"])) for c in train_view.categories],
-              "categories": list(train_view.categories), "data_fingerprint": data_fingerprint(data.shards)},
+        meta={"kind": "segmenter", "segmenter": dataclasses.asdict(model_cfg), "class_names": names,
+              "categories": categories, "data_fingerprint": data_fingerprint(data.shards)},
         group_of=model.param_group,
         init_from=resolve_init(cfg.init_from, ctx),
     )

@@ -1,6 +1,7 @@
 """Segmentation evaluation over a loader: COCO segm AP and box AP of the box head (things),
 PQ / SQ / RQ (all, things, stuff), mIoU and the share of contested panoptic pixels, measured at the original image size against the original panoptic PNGs and json,
-with pictures of predicted segments.
+with pictures of predicted segments and, through the stage's ``inspect`` hook, the inspector
+report of the first validation images.
 
 ``runner`` is anything with ``module`` (the model: ``(images, padding_mask) -> outputs``),
 ``device``, ``compute_dtype`` and ``autocast()``: a training ``Strategy``, or a wrapper of a plain
@@ -10,6 +11,7 @@ Every rank runs as many forwards as the rank with the most batches (``evaluation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +43,14 @@ class SegmentationEvalConfig:
     object_mask_threshold: float = 0.8  # panoptic: queries kept above this class score
     overlap_threshold: float = 0.8  # panoptic: segments kept when this share of their mask is visible
     pictures: int = 4  # val images saved with predicted segments and boxes (0 = none)
+    inspect_images: int = 2  # val images in the inspector report written at each evaluation (0 = none)
+    picture_score: float = 0.3  # the inspector report's score threshold (its found / low_score verdicts)
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.pictures < 0:
             raise ValueError("eval.top_k must be >= 1 and eval.pictures >= 0")
+        if self.inspect_images < 0 or not 0.0 <= self.picture_score <= 1.0:
+            raise ValueError("eval.inspect_images must be >= 0 and eval.picture_score in [0, 1]")
         PanopticInferenceConfig(self.object_mask_threshold, self.overlap_threshold)  # validates
 
 
@@ -110,9 +116,12 @@ def evaluate_image(metrics: SegmentationMetrics, view: PanopticView, logits: tor
 
 
 def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | None, focal: bool,
-                          eval_cfg: SegmentationEvalConfig, pictures_dir: Path | None):
+                          eval_cfg: SegmentationEvalConfig, pictures_dir: Path | None,
+                          inspect: Callable[[object, dict], None] | None = None):
     """evaluate(runner) -> PQ/SQ/RQ (all, _th, _st), mIoU, pixel_acc, segm_AP..., bbox_AP...,
-    contested_share (all ranks)."""
+    contested_share (all ranks). Rank 0 draws the first batch (the same images at every
+    evaluation) and hands the model and that batch to ``inspect`` (the stage's inspector report),
+    when given."""
     names = [str(c.get("name", c["id"])) for c in view.categories]
     things = [int(c["id"]) for c in view.categories if c.get("isthing", 1)]
 
@@ -133,6 +142,8 @@ def segmentation_evaluate(loader, view: PanopticView, instances_json: Path | Non
                 if index == 0 and i < eval_cfg.pictures and pictures_dir is not None and dist.is_main():
                     draw_segments(images[i], target["size"], ids, segments, names,
                                   pictures_dir / f"val_{i:02d}.png")
+            if index == 0 and inspect is not None and dist.is_main() and eval_cfg.inspect_images:
+                inspect(strategy.module, batch)
         result = metrics.summarize()
         return dist.broadcast_object(result) if dist.is_initialized() else result
 

@@ -1,6 +1,7 @@
 """The segment_finetune stage end to end on the tiny generated samples: a detector export is
 loaded partially (the mask head is new, the class head grows to things + stuff), a few steps
-train, evaluation reports segm AP, PQ and mIoU, pictures and the export are written."""
+train, evaluation reports segm AP, PQ and mIoU, pictures, the inspector report (ground truth
+named by the segmenter's classes, each query's mask) and the export are written."""
 
 from __future__ import annotations
 
@@ -46,3 +47,15 @@ def test_segment_stage_from_a_detector_export(tmp_path, capsys, monkeypatch):
     meta = json.loads((ctx.run_dir / "export" / "meta.json").read_text())
     assert meta["kind"] == "segmenter" and len(meta["class_names"]) == 10
     assert [c["isthing"] for c in meta["categories"]] == [1] * 7 + [0] * 3
+
+    inspect = ctx.run_dir / "artifacts" / "inspect"
+    assert (inspect / "report.html").is_file()
+    report = json.loads((inspect / "inspect.json").read_text())
+    assert report["model"]["kind"] == "segmenter" and report["model"]["classes"] == meta["class_names"]
+    assert len(report["images"]) == 2  # eval.inspect_images
+    rows = [row for image in report["images"] for row in image["ground_truth"]]
+    assert rows and {row["name"] for row in rows} <= set(meta["class_names"][:7])  # things only
+    assert all(meta["class_names"][row["label"]] == row["name"] for row in rows)
+    assert all("mask_area" in query for image in report["images"] for query in image["queries"])
+    # copied with the pictures after the evaluation, as for the detection stages
+    assert list((ctx.run_dir / "artifacts" / "evaluations").glob("step_*/inspect/report.html"))

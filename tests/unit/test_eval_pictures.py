@@ -10,6 +10,7 @@ from PIL import Image
 from pipeline.data.detection import DetectionDataConfig
 from pipeline.eval.detection import DetectionEvalConfig, truth_pixels
 from pipeline.eval.pictures import draw_truth_and_predictions
+from pipeline.inference.model_io import ModelSpec
 from pipeline.losses.set_criterion import CriterionConfig
 from pipeline.models import BackboneConfig, DetectorConfig, build_detector
 from stages.detection_common import inspector_hook
@@ -45,8 +46,8 @@ def test_stage_inspector_hook_writes_a_report(tmp_path):
                          backbone=BackboneConfig(name="resnet18", out_strides=[8, 16, 32]))
     model = build_detector(cfg).eval()
     data = DetectionDataConfig(shards=str(tmp_path), eval_size=96, max_size=128)
-    hook = inspector_hook(tmp_path / "inspect", cfg, data, CriterionConfig(), DetectionEvalConfig(),
-                          NAMES, [])
+    spec = ModelSpec("detector", cfg, NAMES, [], data.eval_size, data.max_size, focal=cfg.focal)
+    hook = inspector_hook(tmp_path / "inspect", spec, CriterionConfig(), DetectionEvalConfig())
     batch = {"images": torch.randint(0, 255, (1, 3, 96, 128), dtype=torch.uint8), "targets": targets()}
     hook(model, batch)
     summary = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
