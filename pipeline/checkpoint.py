@@ -11,6 +11,9 @@ Resume takes the newest complete folder that loads (`latest` is a hint, not a re
 with a warning naming it, and the next older complete one is tried. Rank 0 picks the folder and
 broadcasts it, so all ranks load the same one, and all ranks agree on whether it loaded.
 
+A resume with another world size is refused with one line unless `train.elastic_resume` asks
+for it (pipeline/checkpoint_elastic.py re-derives what depends on the world size).
+
 The client state holds what the strategy does not: the progress (TrainState), the RNG states of
 every rank, the data position of every rank and the state of named stateful objects (the
 engine's callbacks), keyed by name as torchtitan's checkpointer keys its state: a callback added
@@ -23,7 +26,6 @@ This module knows the engine only through the small protocols below (no import o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -39,6 +41,14 @@ from torch import nn
 
 from pipeline import dist
 from pipeline.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
+from pipeline.checkpoint_elastic import (
+    WORLD_FILE,
+    check_world_size,
+    load_resharded,
+    restore_loader,
+    rng_state_for,
+    saved_world_size,
+)
 from pipeline.checkpoint_select import (
     CheckpointMismatchError,
     choose_and_load,
@@ -49,17 +59,13 @@ from pipeline.export import LoadReport, load_export, load_partial
 from pipeline.run_folder import COMPLETE_MARKER, CheckpointError, RunFolder, is_complete, step_of
 
 __all__ = ["COMPLETE_MARKER", "CheckpointError", "CheckpointMismatchError", "Checkpointer",
-           "ResumeOutcome", "RunFolder", "Stateful", "capture_rng", "load_checkpoint", "load_named_state", "prune_checkpoints",
+           "ResumeOutcome", "RunFolder", "Stateful", "WORLD_FILE", "capture_rng", "load_checkpoint", "load_named_state", "prune_checkpoints",
            "remove_incomplete", "restore_rng", "resume", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 CLIENT_KEY = "detrforge"  # DeepSpeed merges client state into its own dict: one key of ours
 NAMED_KEY = "stateful"  # client state: {name: state_dict()} of the named stateful objects
 _LEGACY_LIST_KEY = "callbacks"  # older checkpoints: callback states by list position
-# The number of ranks that wrote a checkpoint, readable before any shard is opened: a resume
-# with another world size must fail with that reason, not with the error DeepSpeed or the data
-# loader gives when it meets shards or a data position made for another world size.
-WORLD_FILE = "world.json"
 
 
 class Stateful(Protocol):
@@ -273,54 +279,42 @@ def _saved_named_state(client: Mapping[str, Any], directory: Path) -> dict[str, 
     return {}
 
 
-def _load_client(directory: Path, strategy: ShardedState, state: Progress,
-                 loader: Any) -> dict[str, Any]:
-    """Strategy, progress, RNG and data position from `directory`; returns the named state."""
-    _check_world_size(directory, _saved_world_size(directory))
-    client = strategy.load(directory).get(CLIENT_KEY)
+def _load_client(directory: Path, strategy: ShardedState, state: Progress, loader: Any,
+                 elastic: bool) -> tuple[dict[str, Any], int]:
+    """Strategy, progress, RNG and data position from `directory`; returns the named state
+    and the number of ranks that wrote it."""
+    saved_world = saved_world_size(directory)
+    resharded = check_world_size(directory, saved_world, elastic)
+    loaded = load_resharded(strategy, directory, saved_world) if resharded else strategy.load(
+        directory)
+    client = loaded.get(CLIENT_KEY)
     if client is None:
         raise CheckpointError(f"checkpoint.py: {directory} holds no detrforge client state")
-    _check_world_size(directory, client["world_size"])  # checkpoints saved before WORLD_FILE
+    if saved_world is None:  # a checkpoint older than WORLD_FILE
+        check_world_size(directory, client["world_size"], elastic, recorded=False)
     rank = dist.get_rank()
     state.load_state_dict(client["train_state"])
-    restore_rng(client["rng"][rank])
-    if loader is not None and client["loader"][rank] is not None:
-        loader.load_state_dict(client["loader"][rank])
-    return _saved_named_state(client, directory)
+    restore_rng(rng_state_for(client["rng"], rank))
+    restore_loader(loader, client["loader"], rank, resharded)
+    return _saved_named_state(client, directory), int(client["world_size"])
 
 
-def _saved_world_size(directory: Path) -> int | None:
-    """The world size `directory` records in WORLD_FILE (None for older checkpoints)."""
-    try:
-        return int(json.loads((directory / WORLD_FILE).read_text())["world_size"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _check_world_size(directory: Path, saved: int | None) -> None:
-    if saved is not None and saved != dist.get_world_size():
-        raise CheckpointMismatchError(
-            f"checkpoint.py: {directory} was written by {saved} ranks, this job has "
-            f"{dist.get_world_size()}: a resume with another world size changes the global batch "
-            "and each rank's data; resume with the same number of processes (SLURM: nodes x "
-            "tasks per node), or rerun with --force to start over"
-        )
-
-
-def _load_newest(run: RunFolder, strategy: ShardedState, state: Progress,
-                 loader: Any) -> tuple[Path, dict[str, Any]]:
-    """The newest complete checkpoint that loads, on every rank; warns about what it skipped."""
+def _load_newest(run: RunFolder, strategy: ShardedState, state: Progress, loader: Any,
+                 elastic: bool = False) -> tuple[Path, dict[str, Any], int]:
+    """The newest complete checkpoint that loads, on every rank; warns about what it skipped.
+    Returns (folder, named state, the world size that wrote it)."""
     attempt = choose_and_load(run, lambda directory: _load_client(directory, strategy, state,
-                                                                   loader))
+                                                                   loader, elastic))
     report_fallback(run, attempt)
-    return attempt.loaded, attempt.saved_state
+    return attempt.loaded, *attempt.saved_state
 
 
 def load_checkpoint(run: RunFolder, strategy: ShardedState, state: Progress, *,
-                    loader: Any = None, stateful: Mapping[str, Stateful] | None = None) -> Path:
+                    loader: Any = None, stateful: Mapping[str, Stateful] | None = None,
+                    elastic: bool = False) -> Path:
     """Restore everything from the newest complete checkpoint that loads (every rank calls it).
-    Returns the folder loaded."""
-    directory, saved = _load_newest(run, strategy, state, loader)
+    `elastic`: also one written by another number of ranks. Returns the folder loaded."""
+    directory, saved, _ = _load_newest(run, strategy, state, loader, elastic)
     load_named_state(stateful or {}, saved, directory)
     return directory
 
@@ -333,8 +327,17 @@ class ResumeOutcome:
     path: Path | None = None  # the checkpoint or export used
     report: LoadReport | None = None  # init_from: what was loaded
     saved_state: dict[str, Any] = field(default_factory=dict, repr=False)  # resume: named state
+    saved_world_size: int | None = None  # resume: the number of ranks that wrote the checkpoint
+
+    @property
+    def world_changed(self) -> bool:
+        """Whether this was an elastic resume (another number of ranks wrote the checkpoint)."""
+        return self.saved_world_size not in (None, dist.get_world_size())
 
     def __str__(self) -> str:
+        if self.kind == "resume" and self.world_changed:
+            return (f"resumed from {self.path}, written by {self.saved_world_size} ranks, with "
+                    f"{dist.get_world_size()} (elastic: data position and schedule re-derived)")
         if self.kind == "resume":
             return f"resumed exactly from {self.path}"
         if self.kind == "init_from":
@@ -350,8 +353,8 @@ class ResumeOutcome:
 
 def resume(run: RunFolder, model: nn.Module, make_strategy: Callable[[nn.Module], Any],
            state: Progress, *, loader: Any = None, stateful: Mapping[str, Stateful] | None = None,
-           init_from: str | Path | None = None,
-           prefix_map: Mapping[str, str] | None = None) -> tuple[Any, ResumeOutcome]:
+           init_from: str | Path | None = None, prefix_map: Mapping[str, str] | None = None,
+           elastic: bool = False) -> tuple[Any, ResumeOutcome]:
     """The resume order, in one place:
 
     1. the run folder has a complete checkpoint -> exact resume from the newest that loads (model, optimizer, schedule, step, RNG,
@@ -362,14 +365,16 @@ def resume(run: RunFolder, model: nn.Module, make_strategy: Callable[[nn.Module]
        (ZeRO copies weights into its own buffers at wrap time);
     3. else scratch.
 
-    `make_strategy(model)` builds the strategy (every rank calls `resume`).
+    `make_strategy(model)` builds the strategy (every rank calls `resume`). `elastic`
+    (train.elastic_resume): a checkpoint written by another number of ranks is resumed too,
+    re-derived (pipeline/checkpoint_elastic.py); without it that is a one-line error.
     Returns (strategy, outcome).
     """
     if has_checkpoint(run):
         strategy = make_strategy(model)
         remove_incomplete(run)
-        directory, saved = _load_newest(run, strategy, state, loader)
-        outcome = ResumeOutcome("resume", directory, saved_state=saved)
+        directory, saved, world = _load_newest(run, strategy, state, loader, elastic)
+        outcome = ResumeOutcome("resume", directory, saved_state=saved, saved_world_size=world)
         if stateful is not None:
             outcome.restore(stateful)
         return strategy, outcome

@@ -40,7 +40,7 @@ class LoadAttempt:
     """What `choose_and_load` loaded, and what it skipped on the way."""
 
     loaded: Path  # the step folder every rank loaded
-    saved_state: dict[str, Any]  # what the load function returned (the named state)
+    saved_state: Any  # what the load function returned (e.g. the named state)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (folder name, why)
     latest_name: str | None = None  # what `latest` said before the resume
 
@@ -91,11 +91,10 @@ def _pick(run: RunFolder, tried: set[str], skipped: list[tuple[str, str]]) -> st
     return None
 
 
-def choose_and_load(run: RunFolder,
-                    load: Callable[[Path], dict[str, Any]]) -> LoadAttempt:
+def choose_and_load(run: RunFolder, load: Callable[[Path], Any]) -> LoadAttempt:
     """Load the newest complete checkpoint that loads on every rank; every rank calls it.
 
-    `load(folder)` restores the state and returns the named state; any exception other than
+    `load(folder)` restores the state and returns what `saved_state` keeps; any exception but
     CheckpointMismatchError counts as "this folder does not load". Raises CheckpointError
     (one line, naming the folder and each skipped checkpoint) when none loads.
     """

@@ -14,7 +14,8 @@ components). Rules, all enforced here so no stage has to repeat them:
   current folder, and is stored absolute, so a config means the same from any working folder;
   values with a scheme (``stage:x``, ``models:/x@y``, ``s3://...``) are references, kept as written;
 - :func:`config_hash` is a stable hash of the resolved values (not of the files' text), so two
-  recipes that resolve to the same config share it.
+  recipes that resolve to the same config share it; a field marked with :func:`unhashed_field`
+  (how a run may continue, not what it computes) is left out of it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pipeline.atomic import write_text_atomic
 T = TypeVar("T")
 COMMAND_LINE = "<command line>"
 PATH_METADATA = "path"
+UNHASHED_METADATA = "unhashed"
 # "stage:name", "models:/name@alias", "s3://bucket" are references, not paths; two letters at
 # least, so that a Windows drive ("C:") is not taken for a scheme.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
@@ -51,6 +53,13 @@ def path_field(**kwargs: Any) -> Any:
     """A dataclass field holding a filesystem path (see the module docstring for how a relative
     value is resolved). Takes ``dataclasses.field``'s keyword arguments (``default=None``...)."""
     return dataclasses.field(metadata={PATH_METADATA: True}, **kwargs)
+
+
+def unhashed_field(**kwargs: Any) -> Any:
+    """A dataclass field left out of :func:`config_hash`: a setting of how an interrupted run
+    may continue (``train.elastic_resume``), so that switching it on to resume keeps the run
+    folder instead of archiving it as another config's."""
+    return dataclasses.field(metadata={UNHASHED_METADATA: True}, **kwargs)
 
 
 def resolve_path(value: str, base: str | Path) -> str:
@@ -330,9 +339,22 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def _hashed_values(cfg: Any) -> Any:
+    """`to_dict` without the fields marked with `unhashed_field`."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: _hashed_values(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if not f.metadata.get(UNHASHED_METADATA)}
+    if isinstance(cfg, (list, tuple)):
+        return [_hashed_values(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): _hashed_values(v) for k, v in cfg.items()}
+    return to_dict(cfg)
+
+
 def config_hash(cfg: Any, length: int = 12) -> str:
     """Stable hash of the resolved values: key order and int/float spelling do not matter."""
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(_hashed_values(cfg), sort_keys=True, separators=(",", ":"),
+                           default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 

@@ -10,6 +10,7 @@
     export/                model.safetensors + meta.json (consolidated fp32 weights)
     DONE.json              final metrics, tracker run id, registered model version
     STOP_REQUESTED         a stop request (preemption) of a running job
+    world_changes.json     each elastic resume: step, old and new world size, global batch, lr
     logs/metrics.jsonl     every logged metric (kept also when the tracker is down)
     logs/metrics.sent      the tracker's run id and the byte offset of metrics.jsonl it has sent
     artifacts/             what the evaluation draws (prediction pictures), logged to the tracker
@@ -29,6 +30,7 @@ LATEST_FILE = "latest"
 EXPORT_DIR = "export"
 DONE_FILE = "DONE.json"
 STOP_FILE = "STOP_REQUESTED"
+WORLD_CHANGES_FILE = "world_changes.json"  # train.elastic_resume's record of each change
 LOGS_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
 METRICS_SENT_FILE = "metrics.sent"  # {"run_id", "offset"}: what MLflow acknowledged
@@ -85,6 +87,10 @@ class RunFolder:
     @property
     def stop_path(self) -> Path:
         return self.root / STOP_FILE
+
+    @property
+    def world_changes_path(self) -> Path:
+        return self.root / WORLD_CHANGES_FILE
 
     @property
     def logs_dir(self) -> Path:

@@ -26,8 +26,9 @@ from torch import nn
 
 from pipeline import dist
 from pipeline.atomic import read_json, write_json_atomic
-from pipeline.checkpoint import Checkpointer, resume
-from pipeline.config import config_hash, to_dict, write_resolved
+from pipeline.checkpoint import Checkpointer, ResumeOutcome, resume
+from pipeline.checkpoint_elastic import WorldChange, record_world_change
+from pipeline.config import config_hash, to_dict, unhashed_field, write_resolved
 from pipeline.engine.callbacks import (
     Callback,
     MetricLogger,
@@ -73,6 +74,10 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5  # non-finite losses in a row before the stage stops
     progress_bar: bool = True  # rank 0 shows step, loss, lr, images/s, ETA
     ema: StageEmaConfig = field(default_factory=StageEmaConfig)  # weight EMA (stages/ema.py)
+    # Resume a checkpoint written by another number of ranks: data position, global batch and
+    # peak lr re-derived, the change recorded in world_changes.json. Not in the config hash:
+    # switching it on to resume keeps the run folder.
+    elastic_resume: bool = unhashed_field(default=False)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every", "checkpoint_every", "keep_last", "processes",
@@ -253,20 +258,23 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     state = TrainState()
 
     # optim.scale_lr_with_batch: lr for this run's global batch (param_groups in derived show it).
-    global_batch = parts.micro_batch_size * env.world_size * strategy_cfg.grad_accum_steps
-    optim = optim.for_global_batch(global_batch)
+    scaled = optim.for_global_batch(_global_batch(parts, env.world_size, strategy_cfg))
 
     def make_strategy(model: nn.Module) -> Strategy:
-        return build_strategy(strategy_cfg, model, optim, parts.micro_batch_size, env,
+        return build_strategy(strategy_cfg, model, scaled, parts.micro_batch_size, env,
                               total_steps=train.max_steps, group_of=parts.group_of)
 
     strategy, outcome = resume(run, parts.model, make_strategy, state, loader=parts.loader,
-                               init_from=parts.init_from, prefix_map=parts.prefix_map)
+                               init_from=parts.init_from, prefix_map=parts.prefix_map,
+                               elastic=train.elastic_resume)
     derived = derived_values(env, parts, strategy, inputs)
     if dist.is_main():
         print(f"[{ctx.stage}] {outcome}", flush=True)
         write_resolved(cfg, run.config_path, extra=derived)
     tracker = start_tracker(ctx, cfg, tracking, env, run, state, outcome, derived)
+    if outcome.world_changed:
+        _record_world_change(run, outcome, state.step, parts, strategy_cfg, optim, strategy,
+                             tracker)
     checkpointer = Checkpointer(run, strategy, loader=parts.loader, keep_last=train.keep_last)
     ema, parts = with_ema(train.ema, strategy.module, parts, tracker, state)
     callbacks = _callbacks(ctx, train, parts, strategy, tracker, checkpointer.save,
@@ -291,6 +299,24 @@ def train_stage(ctx: StageContext, cfg: Any, train: TrainConfig, optim: Optimize
     stage_result.seconds = time.time() - started
     dist.barrier()
     return stage_result
+
+
+def _global_batch(parts: StageParts, world_size: int, strategy_cfg: StrategyConfig) -> int:
+    return parts.micro_batch_size * world_size * strategy_cfg.grad_accum_steps
+
+
+def _record_world_change(run: RunFolder, outcome: ResumeOutcome, step: int, parts: StageParts,
+                         strategy_cfg: StrategyConfig, optim: OptimizerConfig,
+                         strategy: Strategy, tracker: Tracker) -> None:
+    """world_changes.json, one warning and a tracker tag for an elastic resume (rank 0)."""
+    old, new = outcome.saved_world_size, dist.get_world_size()
+    old_batch, new_batch = (_global_batch(parts, n, strategy_cfg) for n in (old, new))
+    record_world_change(run, WorldChange(
+        step=step, checkpoint=outcome.path.name, old_world_size=old, new_world_size=new,
+        old_global_batch=old_batch, new_global_batch=new_batch,
+        old_peak_lr=optim.scaled_lr(old_batch), new_peak_lr=optim.scaled_lr(new_batch),
+        lr=strategy.lr))
+    tracker.set_tags({"detrforge.elastic_resume": f"step {step}: {old} -> {new} ranks"})
 
 
 def _prepare_run_folder(ctx: StageContext, run: RunFolder) -> None:

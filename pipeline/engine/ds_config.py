@@ -65,6 +65,10 @@ def deepspeed_config(
     """
     if micro_batch_size < 1:
         raise ValueError(f"engine/strategy.py: micro_batch_size must be >= 1, got {micro_batch_size}")
+    # No `elastic_checkpoint`, also for train.elastic_resume: DeepSpeed 0.19's elastic format
+    # fails to load with torch's AdamW (its loader asserts a `step` in the parameter groups;
+    # torch keeps it per parameter), even with the same world size. An elastic resume reads the
+    # default per-rank files and re-partitions them itself (engine/zero_reshard.py).
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if num_params is not None:
         # Rounded up to 1024 elements: DeepSpeed wants buckets aligned to its padding factor.

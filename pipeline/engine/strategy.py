@@ -1,8 +1,9 @@
 """How a model is trained across processes: DeepSpeed ZeRO 0-3, or one plain process.
 
 Both strategies offer the same interface, so the loop and the checkpoint code never ask which
-one they hold. This is the only module that imports deepspeed, and only when a DeepSpeed
-strategy is built (importing it is slow and pulls in mlflow).
+one they hold. This is the only module that imports deepspeed (with engine/zero_reshard.py,
+which it calls), and only when a DeepSpeed strategy is built (importing it is slow and pulls in
+mlflow).
 
 The DeepSpeed config dict is *derived* (`deepspeed_config`): batch sizes and clipping come from
 StrategyConfig and the stage's micro-batch size, the lr lives in the client optimizer and its
@@ -23,8 +24,10 @@ import torch
 from torch import nn
 
 from pipeline import dist
+from pipeline.checkpoint_select import CheckpointMismatchError
 from pipeline.engine.ds_config import StrategyConfig, deepspeed_config
 from pipeline.engine.optim import OptimizerConfig, build_optimizer, build_scheduler
+from pipeline.engine.zero_reshard import ReshardError, load_repartitioned_optimizer
 
 SINGLE_STATE_FILE = "single_strategy.pt"
 
@@ -192,6 +195,18 @@ def _grad_norm(module: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def continue_schedule_at_built_lr(scheduler: torch.optim.lr_scheduler.LambdaLR,
+                                  param_groups: list[dict[str, Any]]) -> None:
+    """After an elastic resume the loaded schedule keeps its step, but its peak lrs are the
+    ones built for this run (`optim.scale_lr_with_batch` scales them for the new global
+    batch), not the checkpoint's; the lr of the next step follows from both."""
+    scheduler.base_lrs = [group["lr"] for group in param_groups]
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def _to_cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if tensor.is_floating_point():
@@ -293,12 +308,36 @@ class DeepSpeedStrategy(Strategy):
                                     client_state=client_state, save_latest=False)
 
     def load(self, directory: Path) -> dict[str, Any]:
+        return self._load_engine(directory, optimizer=True)
+
+    def load_resharded(self, directory: Path) -> dict[str, Any]:
+        """`load` of a checkpoint written by another number of ranks (train.elastic_resume):
+        the ZeRO-1/2 optimizer state is re-partitioned for this world (engine/zero_reshard.py),
+        and the schedule continues at its saved step from the peak lr built for this run."""
+        if self.cfg.zero_stage == 3:
+            raise CheckpointMismatchError(
+                f"engine/strategy.py: {directory} holds ZeRO-3 shards of another world size; "
+                "train.elastic_resume re-partitions DeepSpeed ZeRO stage 0, 1 and 2 checkpoints "
+                "only (DeepSpeed re-partitions ZeRO-3 through an offline universal checkpoint); "
+                "resume with the number of ranks that wrote it"
+            )
+        client_state = self._load_engine(directory, optimizer=self.cfg.zero_stage == 0)
+        if self.cfg.zero_stage > 0:  # ZeRO-0: rank 0 saved the whole optimizer state
+            try:
+                load_repartitioned_optimizer(self.engine.optimizer, directory, dist.get_rank())
+            except ReshardError as err:
+                raise CheckpointMismatchError(f"{err}; resume with the number of ranks that "
+                                              "wrote it") from err
+        continue_schedule_at_built_lr(self.scheduler, self.param_groups)
+        return client_state
+
+    def _load_engine(self, directory: Path, optimizer: bool) -> dict[str, Any]:
         # The folder is the one rank 0 chose and broadcast (pipeline.checkpoint_select), so
         # every rank loads the same step; a failure here makes all ranks try an older one.
         try:
             path, client_state = self.engine.load_checkpoint(
                 str(directory.parent), tag=directory.name,
-                load_optimizer_states=True, load_lr_scheduler_states=True,
+                load_optimizer_states=optimizer, load_lr_scheduler_states=True,
             )
         except (OSError, RuntimeError, EOFError, KeyError, ValueError) as err:
             raise CheckpointLoadError(
