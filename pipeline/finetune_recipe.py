@@ -154,9 +154,10 @@ def build_segment_recipe(meta: dict, schedule: Schedule, shards: Path, init_expo
     criterion = recipe["criterion"]
     criterion["weights"] = {**criterion.get("weights", {}), **MASK_WEIGHTS}
     criterion["masks"] = {"num_points": mask_points(schedule.eval_size)}
-    # tiny.yaml's thresholds: the segmenter's sigmoid (focal) class scores run lower than
-    # MaskFormer's softmax ones
-    evaluation = {"object_mask_threshold": 0.4, "overlap_threshold": 0.8,
+    # Mask DINO's panoptic thresholds for sigmoid (focal) class scores, which run lower than
+    # MaskFormer's softmax ones; a short fine-tune's scores stay lower still (PQ counts no query
+    # then, while mask AP, which ranks them, does): eval.object_mask_threshold=0.15 shows them.
+    evaluation = {"object_mask_threshold": 0.25, "overlap_threshold": 0.8,
                   "pictures": recipe["eval"].get("pictures", 4)}
     return {"stage": SEGMENT_STAGE_KIND, "data": recipe["data"], "init_from": recipe["init_from"],
             "panoptic_annotations": relative(panoptic_dir, recipe_dir),
