@@ -14,6 +14,8 @@ end, are the whole group (fp32 master weights and each of AdamW's per-element st
 rank takes its slice of that, padded like DeepSpeed pads it. Per-group scalars (AdamW's `step`)
 are the same on every rank and are taken from saved rank 0. The fp32 master weights come from
 the saved fp32 partitions (exact, also under bf16, where the model's bf16 copy would round).
+Every rank reads every saved file, one at a time, keeping only its slice: an elastic resume
+reads the whole optimizer state once per rank (no offline conversion step instead).
 """
 
 from __future__ import annotations
@@ -60,18 +62,37 @@ def _lean_group_states(saved: dict[str, Any], keys: Any) -> list[dict[str, Any]]
     return states
 
 
-def _my_slice(parts: list[torch.Tensor], partition: torch.Tensor, rank: int) -> torch.Tensor:
-    """This rank's partition of the group the lean `parts` make up, zero-padded at the end."""
-    whole = torch.cat([p.reshape(-1).float().cpu() for p in parts])
-    size = partition.numel()
-    piece = whole[rank * size:(rank + 1) * size]
-    out = torch.zeros(size, dtype=partition.dtype)
-    out[:piece.numel()] = piece
-    return out.to(partition.device)
+class _GroupSlice:
+    """This rank's partition of one flat group, filled from the saved ranks' pieces in order."""
+
+    def __init__(self, partition: torch.Tensor, rank: int):
+        self.partition, self.size = partition, partition.numel()
+        self.start, self.seen = rank * self.size, 0  # where this rank's slice begins; read so far
+        self.fp32 = torch.zeros(self.size, dtype=partition.dtype)
+        self.states: dict[str, torch.Tensor] = {}  # AdamW's per-element states
+        self.scalars: dict[str, Any] = {}  # per-group values, equal on every saved rank
+
+    def add(self, fp32: torch.Tensor, state: dict[str, Any]) -> None:
+        """The next saved rank's lean piece of the group: copy where it meets this slice."""
+        count = fp32.numel()
+        lo, hi = max(self.seen, self.start), min(self.seen + count, self.start + self.size)
+        for key, value in [("", fp32), *state.items()]:
+            if not (torch.is_tensor(value) and value.dim()):
+                self.scalars.setdefault(key, value.clone() if torch.is_tensor(value) else value)
+                continue
+            target = self.fp32 if key == "" else self.states.setdefault(
+                key, torch.zeros(self.size, dtype=self.partition.dtype))
+            if lo < hi:
+                target[lo - self.start:hi - self.start] = value.reshape(-1)[
+                    lo - self.seen:hi - self.seen]
+        self.seen += count
 
 
-def _check_layout(optimizer: Any, saved: list[dict[str, Any]], keys: Any) -> None:
-    stage = int(saved[0][keys.ZERO_STAGE])
+def _check_layout(optimizer: Any, saved: dict[str, Any], keys: Any) -> None:
+    if not hasattr(optimizer, "single_partition_of_fp32_groups"):
+        raise ReshardError(f"engine/zero_reshard.py: {type(optimizer).__name__} is not "
+                           "DeepSpeed's ZeRO-1/2 optimizer; its state cannot be re-partitioned")
+    stage = int(saved[keys.ZERO_STAGE])
     if stage not in (1, 2):
         raise ReshardError(f"engine/zero_reshard.py: the checkpoint was written by ZeRO stage "
                            f"{stage}; its optimizer state can be re-partitioned from stage 1 or 2")
@@ -79,39 +100,36 @@ def _check_layout(optimizer: Any, saved: list[dict[str, Any]], keys: Any) -> Non
             any(padding) for padding in getattr(optimizer, "round_robin_bit16_padding", [])):
         raise ReshardError("engine/zero_reshard.py: round-robin gradients or parameter alignment "
                            "order the flat groups by world size; they cannot be re-partitioned")
-    groups = optimizer.bit16_groups
-    for index, group in enumerate(groups):
-        saved_numel = sum(int(s[keys.SINGLE_PARTITION_OF_FP32_GROUPS][index].numel())
-                          for s in saved)
-        numel = sum(p.numel() for p in group)
-        if saved_numel != numel:
-            raise ReshardError(f"engine/zero_reshard.py: parameter group {index} has {numel} "
-                               f"elements, the checkpoint's has {saved_numel}; the model changed")
+    if len(optimizer.bit16_groups) != len(saved[keys.SINGLE_PARTITION_OF_FP32_GROUPS]):
+        raise ReshardError("engine/zero_reshard.py: the checkpoint has another number of "
+                           "parameter groups than this model's optimizer")
 
 
 def load_repartitioned_optimizer(optimizer: Any, directory: Path, rank: int) -> int:
     """Give the ZeRO-1/2 `optimizer` (DeepSpeed's, built for this world) its fp32 master
     weights and AdamW state from every saved rank's file in `directory`; returns the saved
-    number of ranks. Every rank reads every file (they are the only copy of the state)."""
+    number of ranks. Every rank reads every file, one at a time (they are the only copy of
+    the state), and keeps only its own slice."""
     from deepspeed.checkpoint import constants as keys
 
     files = saved_optimizer_files(directory)
-    saved = [torch.load(f, map_location="cpu", weights_only=False)[keys.OPTIMIZER_STATE_DICT]
-             for f in files]
-    if len(optimizer.bit16_groups) != len(saved[0][keys.SINGLE_PARTITION_OF_FP32_GROUPS]):
-        raise ReshardError("engine/zero_reshard.py: the checkpoint has another number of "
-                           "parameter groups than this model's optimizer")
-    _check_layout(optimizer, saved, keys)
-    lean = [_lean_group_states(s, keys) for s in saved]
+    slices = [_GroupSlice(p, rank) for p in optimizer.single_partition_of_fp32_groups]
+    for path in files:
+        saved = torch.load(path, map_location="cpu", weights_only=False)[keys.OPTIMIZER_STATE_DICT]
+        _check_layout(optimizer, saved, keys)
+        for piece, fp32, state in zip(slices, saved[keys.SINGLE_PARTITION_OF_FP32_GROUPS],
+                                      _lean_group_states(saved, keys)):
+            piece.add(fp32, state)
+        del saved
     base = optimizer.optimizer  # the torch optimizer, one flat fp32 partition per group
-    for index, partition in enumerate(optimizer.single_partition_of_fp32_groups):
-        fp32 = [s[keys.SINGLE_PARTITION_OF_FP32_GROUPS][index] for s in saved]
-        partition.data.copy_(_my_slice(fp32, partition, rank))
+    for index, (piece, group) in enumerate(zip(slices, optimizer.bit16_groups)):
+        numel = sum(p.numel() for p in group)
+        if piece.seen != numel:
+            raise ReshardError(f"engine/zero_reshard.py: parameter group {index} has {numel} "
+                               f"elements, the checkpoint's has {piece.seen}; the model changed")
+        piece.partition.data.copy_(piece.fp32.to(piece.partition.device))
         state = base.state[base.param_groups[index]["params"][0]]
-        for key, value in lean[0][index].items():
-            if torch.is_tensor(value) and value.dim():
-                state[key] = _my_slice([s[index][key] for s in lean], partition, rank)
-            else:
-                state[key] = value.clone() if torch.is_tensor(value) else value
+        state.update({k: v for k, v in piece.scalars.items() if k})
+        state.update({k: v.to(piece.partition.device) for k, v in piece.states.items()})
     optimizer._link_all_hp_params()  # as DeepSpeed's own load: fragments see the new state
-    return len(saved)
+    return len(files)

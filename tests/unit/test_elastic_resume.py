@@ -29,6 +29,7 @@ from pipeline.engine.strategy import (
     build_strategy,
     continue_schedule_at_built_lr,
 )
+from pipeline.engine.zero_reshard import _GroupSlice
 from stages.common import TrainConfig
 
 
@@ -142,6 +143,19 @@ def test_schedule_continues_at_its_step_from_the_peak_lr_built_for_this_run():
     new.optimizer.step()
     new.step()
     assert math.isclose(new.get_last_lr()[0], 1e-3 * new.lr_lambdas[0](5))
+
+
+def test_zero_partitions_are_cut_anew_from_the_saved_ones_put_end_to_end():
+    # A 7-element group saved by 2 ranks (4 + 3, the last one's padding already cut off),
+    # re-partitioned for 3 ranks of 3 elements: the last one padded with zeros.
+    saved = [torch.arange(0.0, 4.0), torch.arange(4.0, 7.0)]
+    for rank, expected in enumerate([[0, 1, 2], [3, 4, 5], [6, 0, 0]]):
+        piece = _GroupSlice(torch.zeros(3), rank)
+        for fp32 in saved:
+            piece.add(fp32, {"exp_avg": -fp32, "step": torch.tensor(5.0)})
+        assert piece.seen == 7 and piece.fp32.tolist() == expected
+        assert piece.states["exp_avg"].tolist() == [-v if v else 0.0 for v in expected]
+        assert piece.scalars["step"] == 5.0
 
 
 def _single(model):
