@@ -213,3 +213,27 @@ def test_the_switch_is_shown_but_not_hashed():
     assert config_hash(plain) == config_hash(elastic)  # switching it on keeps the run folder
     assert config_hash(plain) != config_hash(TrainConfig(max_steps=7))
     assert "elastic_resume: true" in dump_yaml(elastic)
+
+
+def test_the_stage_records_batches_and_peak_lrs_of_both_worlds_and_tags_the_run(tmp_path):
+    from stages.common import _record_world_change
+
+    class Tags:
+        def __init__(self):
+            self.tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    run, tracker = RunFolder(tmp_path), Tags()
+    outcome = checkpoint.ResumeOutcome("resume", run.step_dir(6), saved_world_size=4)
+    parts = SimpleNamespace(micro_batch_size=8)
+    optim = OptimizerConfig(lr=1e-3, scale_lr_with_batch="sqrt", base_batch_size=64)
+    _record_world_change(run, outcome, 6, parts, StrategyConfig(grad_accum_steps=2), optim,
+                         SimpleNamespace(lr=4e-4), tracker)
+    event, = json.loads(run.world_changes_path.read_text())
+    assert (event["old_world_size"], event["new_world_size"], event["step"]) == (4, 1, 6)
+    assert (event["old_global_batch"], event["new_global_batch"]) == (64, 16)
+    assert math.isclose(event["old_peak_lr"], 1e-3) and math.isclose(event["new_peak_lr"], 5e-4)
+    assert event["lr"] == 4e-4 and event["checkpoint"] == "step_6"
+    assert tracker.tags == {"detrforge.elastic_resume": "step 6: 4 -> 1 ranks"}
