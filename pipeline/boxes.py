@@ -41,26 +41,28 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> IoU (N, M) and union (N, M)."""
+    """Pairwise IoU of (..., N, 4) and (..., M, 4) xyxy boxes -> IoU (..., N, M) and union
+    (..., N, M); leading dims (e.g. a batch of images) pair up."""
     area1, area2 = box_area(boxes1), box_area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
+    union = area1[..., :, None] + area2[..., None, :] - inter
     # A union of 0 (two empty boxes) would give NaN; such pairs have IoU 0.
     return inter / union.clamp(min=1e-12), union
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalized IoU (Rezatofighi et al. 2019) of (N, 4) and (M, 4) xyxy -> (N, M).
+    """Pairwise generalized IoU (Rezatofighi et al. 2019) of (..., N, 4) and (..., M, 4) xyxy
+    -> (..., N, M), leading dims paired as in ``box_iou``.
 
     Values lie in [-1, 1]. Degenerate boxes (x1 < x0) are tolerated rather than asserted on,
     because early in training predicted boxes can be anything: they get a low GIoU, not a crash.
     """
     iou, union = box_iou(boxes1, boxes2)
-    top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    top_left = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     enclosing = wh[..., 0] * wh[..., 1]
     return iou - (enclosing - union) / enclosing.clamp(min=1e-12)

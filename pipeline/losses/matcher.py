@@ -3,8 +3,13 @@
 The cost of pairing query ``q`` with target ``t`` is a weighted sum of a classification cost, the L1
 distance of the boxes and the negative generalized IoU, as in DETR. With ``focal=True`` the
 classification cost is Deformable-DETR's focal cost on sigmoid probabilities; otherwise DETR's
-``-softmax probability`` of the target class. Costs are computed for the whole batch at once and
-then split per image, and each image is solved with ``scipy.optimize.linear_sum_assignment``.
+``-softmax probability`` of the target class. Costs are computed in one batched pass for every
+image (and, through ``match_layers``, every decoder layer) against its own targets only, padded
+to the most targets of the batch, copied to the host once, and each image is then solved with
+``scipy.optimize.linear_sum_assignment`` (assignment.py). The padded pass does B times less work
+than pairing every query with every target of the batch and splitting; each solved matrix holds
+the same values as that pairing's block (bit for bit, but for the last bit of a few sigmoids on
+CPU, which depend on the tensor's layout as they already did on the thread count).
 
 With ``cost_mask`` / ``cost_dice`` > 0 and "pred_masks" in the outputs (segmentation heads), each
 image's cost also gets Mask2Former's mask costs: sigmoid BCE and dice between every query's and
@@ -20,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from pipeline.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from pipeline.losses.assignment import indices_to, solve_padded
 from pipeline.losses.masks import point_sample
 
 # Added to the magnitude of the largest finite cost to replace NaN/inf entries: such a pair is
@@ -131,36 +137,54 @@ class HungarianMatcher(nn.Module):
         """(P, C) or (P, C+1) fp32 logits, (T,) labels -> (P, T) classification cost."""
         if not self.focal:
             return -logits.softmax(-1)[:, labels]
-        # Element-wise, so selecting the target classes first gives the reference's values on a
-        # (P, T) instead of a (P, C) tensor.
-        prob = logits[:, labels].sigmoid()
+        return self.focal_cost(logits[:, labels])
+
+    def focal_cost(self, target_logits: Tensor) -> Tensor:
+        """Focal classification cost of the logits of the target classes, any shape.
+
+        Element-wise, so selecting the target classes first gives the reference's values on a
+        (P, T) instead of a (P, C) tensor."""
+        prob = target_logits.sigmoid()
         alpha, gamma = self.focal_alpha, self.focal_gamma
         neg_cost = (1 - alpha) * prob**gamma * -(1 - prob + FOCAL_COST_EPS).log()
         pos_cost = alpha * (1 - prob) ** gamma * -(prob + FOCAL_COST_EPS).log()
         return pos_cost - neg_cost
 
     @torch.no_grad()
-    def cost_pieces(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """The weighted terms of ``cost_matrix``, each (B, Q, T_total) fp32: "class"
-        (cost_class x classification cost), "bbox" (cost_bbox x L1), "giou" (-cost_giou x GIoU);
-        their sum is the box part of the matching cost (the inspector shows them apart)."""
-        batch_size, num_queries = outputs["pred_logits"].shape[:2]
-        logits = outputs["pred_logits"].flatten(0, 1).float()  # (B*Q, C)
-        boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
-        tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.int64)
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)
-        pieces = {
-            "class": self.cost_class * self.classification_cost(logits, tgt_labels),
+    def layers_cost_pieces(self, layers: list[dict], targets: list[dict]) -> dict[str, Tensor]:
+        """``cost_pieces`` of L same-shape layers at once, each (L*B, Q, T_max): row l*B + b is
+        layer l, image b against its own targets, padded to the most targets of the batch."""
+        device = layers[0]["pred_logits"].device
+        num_queries = layers[0]["pred_logits"].shape[1]
+        labels = pad_sequence([t["labels"].reshape(-1) for t in targets], batch_first=True)
+        labels = labels.to(device, torch.int64)  # (B, T_max), padding 0 (a valid class)
+        tgt_boxes = pad_sequence([t["boxes"].reshape(-1, 4) for t in targets], batch_first=True)
+        tgt_boxes = tgt_boxes.to(device, torch.float32).repeat(len(layers), 1, 1)  # (L*B, T_max, 4)
+        select = labels[:, None, :].expand(-1, num_queries, -1)  # (B, Q, T_max)
+        scores = []  # the target classes' logits (focal) or probabilities (softmax), per layer
+        for layer in layers:
+            logits = layer["pred_logits"].float()
+            scores.append((logits if self.focal else logits.softmax(-1)).gather(2, select))
+        scores = torch.cat(scores)
+        boxes = torch.cat([layer["pred_boxes"].float() for layer in layers])  # (L*B, Q, 4)
+        return {
+            "class": self.cost_class * (self.focal_cost(scores) if self.focal else -scores),
             "bbox": self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1),
             "giou": -self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes),
                                                           box_cxcywh_to_xyxy(tgt_boxes)),
         }
-        # An explicit size: view(B, Q, -1) is ambiguous when the batch has no targets at all.
-        return {k: v.view(batch_size, num_queries, len(tgt_labels)) for k, v in pieces.items()}
+
+    @torch.no_grad()
+    def cost_pieces(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """The weighted terms of ``cost_matrix``, each (B, Q, T_max) fp32: "class"
+        (cost_class x classification cost), "bbox" (cost_bbox x L1), "giou" (-cost_giou x GIoU);
+        their sum is the box part of the matching cost (the inspector shows them apart). Image b's
+        columns past len(targets[b]) are padding (finite, meaningless)."""
+        return self.layers_cost_pieces([outputs], targets)
 
     @torch.no_grad()
     def cost_matrix(self, outputs: dict, targets: list[dict]) -> Tensor:
-        """(B, Q, T_total) fp32 cost of every query against every target of the whole batch."""
+        """(B, Q, T_max) fp32 cost of each image's queries against its own targets (padded)."""
         pieces = self.cost_pieces(outputs, targets)
         return pieces["class"] + pieces["bbox"] + pieces["giou"]
 
@@ -208,7 +232,7 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
-        """Match each image's queries to its targets.
+        """Match each image's queries to its targets: ``match_layers([outputs], targets)[0]``.
 
         Args:
             outputs: {"pred_logits": (B, Q, C) focal or (B, Q, C+1) softmax (no-object last),
@@ -216,23 +240,45 @@ class HungarianMatcher(nn.Module):
             targets: B dicts {"labels": int64 (n_b,), "boxes": (n_b, 4) cx, cy, w, h normalised}.
 
         Returns:
-            B pairs (pred_idx, target_idx), int64 CPU tensors of length min(Q, n_b); pred_idx is
-            sorted ascending.
+            B pairs (pred_idx, target_idx), int64 tensors on the predictions' device (moved there
+            in one copy for the whole call) of length min(Q, n_b); pred_idx is sorted ascending.
         """
-        num_labels = outputs["pred_logits"].shape[-1] - (0 if self.focal else 1)
-        check_detection_inputs(outputs, targets, num_labels)
-        cost = self.replace_nonfinite(self.cost_matrix(outputs, targets).cpu())
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """``forward`` of each layer (e.g. the decoder's last and auxiliary layers) against the
+        same targets, with one batched cost computation and one device->host copy for all.
+
+        The layers must have the same shapes. Mask costs (layers with "pred_masks") are drawn
+        layer by layer, image by image, in the order of separate ``forward`` calls.
+        """
+        first = layers[0]
+        check_detection_inputs(first, targets, first["pred_logits"].shape[-1] - (0 if self.focal else 1))
+        for i, layer in enumerate(layers[1:], 1):
+            if any(layer[k].shape != first[k].shape for k in ("pred_logits", "pred_boxes")):
+                raise ValueError(f"match_layers: layer {i} has pred_logits {tuple(layer['pred_logits'].shape)}, "
+                                 f"layer 0 {tuple(first['pred_logits'].shape)}; match layers of another "
+                                 "shape in a separate call")
+        with_masks = [self.uses_masks(layer, targets) for layer in layers]
         sizes = [len(t["boxes"]) for t in targets]
-        with_masks = self.uses_masks(outputs, targets)
+        pieces = self.layers_cost_pieces(layers, targets)
+        cost = (pieces["class"] + pieces["bbox"] + pieces["giou"]).cpu()  # the one device->host copy
+        padding = torch.arange(cost.shape[-1]) >= torch.tensor(sizes).repeat(len(layers))[:, None]
+        cost = self.replace_nonfinite(cost.masked_fill_(padding[:, None, :], 0.0))
+        if any(with_masks):
+            self.add_mask_costs(cost, layers, with_masks, targets)
+        solved = indices_to(solve_padded(cost, sizes * len(layers)), first["pred_logits"].device)
+        return [solved[i * len(targets):(i + 1) * len(targets)] for i in range(len(layers))]
+
+    def add_mask_costs(self, cost: Tensor, layers: list[dict], with_masks: list[bool], targets: list[dict]) -> None:
+        """Add each masked layer's per-image mask costs to the host ``cost`` (L*B, Q, T_max)."""
         # The canvas the masks cover, by DETR's rule: images padded to the largest of the batch.
-        canvas = tuple(max(t["masks"].shape[-2 + i] for t in targets) for i in range(2)) if with_masks else None
-        indices = []
-        for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
-            image_cost = image_cost[image]
-            if with_masks:
-                masks_cost = self.mask_cost(outputs["pred_masks"][image], targets[image]["masks"], canvas)
-                image_cost = self.replace_nonfinite(image_cost + masks_cost.cpu())
-            pred_idx, target_idx = linear_sum_assignment(image_cost.numpy())
-            indices.append((torch.as_tensor(pred_idx, dtype=torch.int64),
-                            torch.as_tensor(target_idx, dtype=torch.int64)))
-        return indices
+        canvas = tuple(max(t["masks"].shape[-2 + i] for t in targets) for i in range(2))
+        for index, layer in enumerate(layers):
+            if not with_masks[index]:
+                continue
+            for image, target in enumerate(targets):
+                row, size = index * len(targets) + image, len(target["boxes"])
+                masks_cost = self.mask_cost(layer["pred_masks"][image], target["masks"], canvas)
+                cost[row, :, :size] = self.replace_nonfinite(cost[row, :, :size] + masks_cost.cpu())

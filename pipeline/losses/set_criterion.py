@@ -202,17 +202,34 @@ class SetCriterion(nn.Module):
         pred = outputs["pred_masks"][batch_permutation_index(indices)]  # (M, h, w)
         return mask_losses(pred, torch.cat(matched).to(device), num_boxes, self.mask_loss)
 
-    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: Tensor,
-                     suffix: str = "", canvas_size: tuple[int, int] | None = None,
-                     ) -> tuple[dict[str, Tensor], list]:
-        """Match one layer's predictions, then its losses with ``suffix`` added to each key."""
+    def check_logit_dim(self, outputs: dict, suffix: str) -> None:
         logit_dim = outputs["pred_logits"].shape[-1]
         if logit_dim != self.expected_logit_dim():
             head = "focal: C" if self.focal else "softmax: C+1 with no-object last"
             raise ValueError(f"SetCriterion: pred_logits{suffix} has {logit_dim} classes, expected "
                              f"{self.expected_logit_dim()} ({head}, C={self.num_classes}); the "
                              "model's num_classes or head type differs from the criterion's")
-        indices = self.matcher(outputs, targets)
+
+    def match_decoder_layers(self, layers: list[dict], targets: list[dict]) -> list:
+        """Each decoder layer's matching (last layer first, then the auxiliary ones) from one
+        batched matcher call: one cost computation and one device->host copy for all. None per
+        layer where each is matched in ``layer_losses`` instead: segmentation layers (their mask
+        costs and mask losses draw random points in turn) or layers of different shapes."""
+        shapes = {(layer["pred_logits"].shape, layer["pred_boxes"].shape) for layer in layers}
+        if len(layers) < 2 or len(shapes) > 1 or any("pred_masks" in layer for layer in layers):
+            return [None] * len(layers)
+        for i, layer in enumerate(layers):
+            self.check_logit_dim(layer, f"_{i - 1}" if i else "")
+        return self.matcher.match_layers(layers, targets)
+
+    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: Tensor,
+                     suffix: str = "", canvas_size: tuple[int, int] | None = None,
+                     indices: list | None = None) -> tuple[dict[str, Tensor], list]:
+        """Match one layer's predictions (unless ``indices`` are given), then its losses with
+        ``suffix`` added to each key."""
+        self.check_logit_dim(outputs, suffix)
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes),
                   **self.loss_boxes(outputs, targets, indices, num_boxes)}
         if "pred_masks" in outputs:
@@ -237,10 +254,11 @@ class SetCriterion(nn.Module):
             enc_outputs, and the detached metric "class_error".
         """
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
-        losses, indices = self.layer_losses(outputs, targets, num_boxes, canvas_size=canvas_size)
+        matched = self.match_decoder_layers([outputs, *(outputs.get("aux_outputs") or [])], targets)
+        losses, indices = self.layer_losses(outputs, targets, num_boxes, canvas_size=canvas_size, indices=matched[0])
         losses["class_error"] = self.class_error(outputs, targets, indices)
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self.layer_losses(aux, targets, num_boxes, f"_{i}", canvas_size)[0])
+            losses.update(self.layer_losses(aux, targets, num_boxes, f"_{i}", canvas_size, matched[i + 1])[0])
         if outputs.get("enc_outputs") is not None:
             # Two-stage proposals are class-agnostic: every target counts as class 0.
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
