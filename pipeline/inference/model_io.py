@@ -74,7 +74,9 @@ def spec_from_meta(meta: dict, where: str = META_FILE) -> ModelSpec:
         seg = dict(meta["segmenter"])
         model_cfg = SegmenterConfig(detector=DetectorConfig(**_without_weights(seg["detector"])),
                                     mask_head=seg.get("mask_head", {}),
-                                    mask_attention=seg.get("mask_attention", "none"))
+                                    mask_attention=seg.get("mask_attention", "none"),
+                                    # exports from before the switch were trained without it
+                                    unified_query_selection=seg.get("unified_query_selection", False))
         focal = bool(((config.get("criterion") or {}).get("matcher") or {}).get("focal", True))
     return ModelSpec(kind=kind, model_cfg=model_cfg, class_names=[str(n) for n in meta["class_names"]],
                      categories=list(meta.get("categories") or []),

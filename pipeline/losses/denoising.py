@@ -8,7 +8,9 @@
 - Denoising (outputs["dn_meta"], from ``pipeline/models/dino.py``): the positive slot of each
   target is its prediction (no matching); every other slot, negatives and padding, is trained as
   "no object". Keys ``loss_ce_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` for the last layer and
-  ``..._dn_{i}`` for auxiliary layer i, divided by ``num_boxes * groups`` as DINO. A batch with no
+  ``..._dn_{i}`` for auxiliary layer i, divided by ``num_boxes * groups`` as DINO. A segmenter's
+  denoising masks add ``loss_mask_dn`` / ``loss_dice_dn`` (Mask DINO), for the positives only: the
+  mask of the target each was made from; negatives and padding get no mask loss. A batch with no
   box still returns every key (zeros attached to the graph): ranks log the same keys.
 """
 
@@ -32,6 +34,7 @@ from pipeline.losses.varifocal import varifocal_loss
 
 CLASS_LOSSES = ("focal", "varifocal")
 BOX_LOSS_KEYS = ("loss_ce", "loss_bbox", "loss_giou")
+MASK_LOSS_KEYS = ("loss_mask", "loss_dice")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class DenoisingLayout:
 
 class DinoCriterion(SetCriterion):
     """SetCriterion with varifocal classification, query groups and denoising losses."""
+
+    handles_denoising = True
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, class_loss: str = "focal", **kwargs) -> None:
         super().__init__(num_classes, matcher, **kwargs)
@@ -78,7 +83,7 @@ class DinoCriterion(SetCriterion):
         """SetCriterion's keys (averaged over query groups) + the ``_dn`` keys in training."""
         losses = self.grouped_losses(outputs, targets, canvas_size)
         if "dn_meta" in outputs:
-            losses.update(self.denoising_losses(outputs, targets))
+            losses.update(self.denoising_losses(outputs, targets, canvas_size))
         return losses
 
     def grouped_losses(self, outputs: dict, targets: list[dict], canvas_size) -> dict[str, Tensor]:
@@ -90,22 +95,27 @@ class DinoCriterion(SetCriterion):
         return {key: value if key.endswith("_enc") else torch.stack([g[key] for g in per_group]).mean()
                 for key, value in per_group[0].items()}
 
-    def denoising_losses(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """``loss_{ce,bbox,giou}_dn[_i]`` of the denoising part; zeros when it is None."""
+    def denoising_losses(self, outputs: dict, targets: list[dict],
+                         canvas_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """``loss_{ce,bbox,giou}_dn[_i]`` (+ ``loss_{mask,dice}_dn[_i]`` when the outputs hold
+        "pred_masks") of the denoising part; zeros when it is None."""
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)  # every rank reduces
         dn, meta = outputs["dn_outputs"], outputs["dn_meta"]
         suffixes = ["_dn"] + [f"_dn_{i}" for i in range(len(outputs.get("aux_outputs") or []))]
+        keys = BOX_LOSS_KEYS + (MASK_LOSS_KEYS if "pred_masks" in outputs else ())
         if dn is None:
             zero = outputs["pred_logits"].sum() * 0.0
-            return {key + suffix: zero for suffix in suffixes for key in BOX_LOSS_KEYS}
+            return {key + suffix: zero for suffix in suffixes for key in keys}
         layout = DenoisingLayout(meta["groups"], meta["max_boxes"])
         indices = layout.positive_indices(targets)
         num_boxes = num_boxes * layout.groups
         losses = {}
         for layer, suffix in zip([dn, *dn["aux_outputs"]], suffixes):
-            losses["loss_ce" + suffix] = self.loss_labels(layer, targets, indices, num_boxes)
-            for key, value in self.loss_boxes(layer, targets, indices, num_boxes).items():
-                losses[key + suffix] = value
+            layer_losses = {"loss_ce": self.loss_labels(layer, targets, indices, num_boxes),
+                            **self.loss_boxes(layer, targets, indices, num_boxes)}
+            if "pred_masks" in layer:
+                layer_losses.update(self.loss_masks(layer, targets, indices, num_boxes, canvas_size))
+            losses.update({key + suffix: value for key, value in layer_losses.items()})
         return losses
 
 
@@ -119,16 +129,17 @@ def build_dino_criterion(cfg: CriterionConfig, num_classes: int, focal: bool) ->
 
 
 def query_group(outputs: dict, group: int, groups: int) -> dict:
-    """Group ``group``'s columns of the matching outputs (encoder proposals with group 0 only)."""
+    """Group ``group``'s columns of the matching outputs (encoder proposals and selected tokens
+    with group 0 only)."""
     width = outputs["pred_logits"].shape[1] // groups
     cols = slice(group * width, (group + 1) * width)
 
     def part(layer: dict) -> dict:
-        return {"pred_logits": layer["pred_logits"][:, cols], "pred_boxes": layer["pred_boxes"][:, cols]}
+        return {key: layer[key][:, cols] for key in ("pred_logits", "pred_boxes", "pred_masks") if key in layer}
 
     sub = {**part(outputs), "aux_outputs": [part(aux) for aux in outputs.get("aux_outputs") or []]}
-    if group == 0 and outputs.get("enc_outputs") is not None:
-        sub["enc_outputs"] = outputs["enc_outputs"]
+    if group == 0:
+        sub.update({key: outputs[key] for key in ("enc_outputs", "enc_selected") if outputs.get(key) is not None})
     return sub
 
 

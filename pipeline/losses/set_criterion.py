@@ -11,7 +11,9 @@ Keys keep DETR's names: ``loss_ce``, ``loss_bbox``, ``loss_giou``, suffixed ``_{
 ``outputs["aux_outputs"][i]`` and ``_enc`` for two-stage proposals (matched class-agnostically).
 ``class_error`` (percent top-1 error on the matched queries of the last layer) is a detached metric.
 With a ``mask_loss`` config, layers whose outputs hold "pred_masks" (B, Q, h, w) also get
-``loss_mask`` and ``loss_dice`` (see masks.py) of the box-matched queries.
+``loss_mask`` and ``loss_dice`` (see masks.py) of the box-matched queries, and a segmenter's
+"enc_selected" (the encoder's top-k tokens with their masks, Mask DINO's unified query selection)
+gets ``loss_mask_enc`` and ``loss_dice_enc``, matched class-agnostically as the proposals.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def batch_permutation_index(indices: list[tuple[Tensor, Tensor]]) -> tuple[Tenso
 
 class SetCriterion(nn.Module):
     """Unweighted DETR losses of every decoder layer; see the module docstring for definitions."""
+
+    handles_denoising = False  # DINO's denoising outputs need DinoCriterion (losses/denoising.py)
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, focal: bool = True,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, eos_coef: float = 0.1,
@@ -251,8 +255,12 @@ class SetCriterion(nn.Module):
         Returns:
             fp32 scalars "loss_ce", "loss_bbox", "loss_giou" (+ "loss_mask", "loss_dice" for
             layers with "pred_masks"), the same keys + f"_{i}" per aux layer and + "_enc" for
-            enc_outputs, and the detached metric "class_error".
+            enc_outputs (+ "loss_mask_enc", "loss_dice_enc" with "enc_selected"), and the
+            detached metric "class_error".
         """
+        if "dn_meta" in outputs and not self.handles_denoising:
+            raise ValueError("SetCriterion: the outputs hold DINO's denoising queries, which it would leave "
+                             "untrained; build the criterion with pipeline.losses.denoising.build_dino_criterion")
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
         matched = self.match_decoder_layers([outputs, *(outputs.get("aux_outputs") or [])], targets)
         losses, indices = self.layer_losses(outputs, targets, num_boxes, canvas_size=canvas_size, indices=matched[0])
@@ -264,7 +272,18 @@ class SetCriterion(nn.Module):
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = {k: v for k, v in outputs["enc_outputs"].items() if k != "pred_masks"}
             losses.update(self.layer_losses(enc, agnostic, num_boxes, "_enc")[0])
+            if outputs.get("enc_selected") is not None:
+                losses.update(self.selected_mask_losses(outputs["enc_selected"], agnostic, num_boxes, canvas_size))
         return losses
+
+    def selected_mask_losses(self, selected: dict, agnostic: list[dict], num_boxes: Tensor,
+                             canvas_size: tuple[int, int] | None) -> dict[str, Tensor]:
+        """``loss_mask_enc`` / ``loss_dice_enc`` of the encoder's top-k tokens' masks: matched on
+        their own (class-agnostic, as the proposals; mask costs too when configured), since the
+        proposals' match over every token may pick tokens outside the top-k."""
+        indices = self.matcher(selected, agnostic)
+        masks = self.loss_masks(selected, agnostic, indices, num_boxes, canvas_size)
+        return {key + "_enc": value for key, value in masks.items()}
 
     @staticmethod
     def weighted_total(losses: Mapping[str, Tensor], weights: LossWeights | Mapping[str, float]) -> Tensor:

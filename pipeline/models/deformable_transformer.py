@@ -296,7 +296,9 @@ class DeformableTransformer(nn.Module):
         return self.enc_output_norm(self.enc_output(memory)), proposals
 
     def two_stage_queries(self, memory, mask_flat, shapes, class_embed, bbox_embed):
-        """Top-k encoder proposals -> (query_pos, tgt, reference boxes, enc class, enc coords).
+        """Top-k encoder proposals -> (query_pos, tgt, reference boxes, {"enc_class",
+        "enc_coord_unact", "enc_topk" (B, K) token index, "enc_selected" (B, K, C) the transformed
+        memory of those tokens, with gradient}).
 
         Mixed selection: query_pos None (the decoder derives it from the boxes), tgt the learned
         content queries; in training with query groups, the K groups share the top-k boxes.
@@ -309,42 +311,49 @@ class DeformableTransformer(nn.Module):
         # column 0: the criterion trains the proposals class-agnostically (every target is class 0)
         topk_index = torch.topk(enc_class[..., 0], topk, dim=1)[1]
         coords = torch.gather(enc_coord_unact, 1, topk_index.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        selected = torch.gather(output_memory, 1, topk_index.unsqueeze(-1).expand(-1, -1, self.d_model))
+        enc = {"enc_class": enc_class, "enc_coord_unact": enc_coord_unact, "enc_topk": topk_index,
+               "enc_selected": selected}
         if self.mixed_selection:
             groups = self.query_groups if self.training else 1
             reference = coords.sigmoid().repeat(1, groups, 1)
             rows = torch.cat([torch.arange(topk) + g * self.two_stage_num_proposals for g in range(groups)])
             tgt = self.tgt_embed.weight[rows.to(memory.device)].unsqueeze(0).expand(memory.shape[0], -1, -1)
-            return None, tgt, reference, enc_class, enc_coord_unact
+            return None, tgt, reference, enc
         pos_trans = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))
         query_pos, tgt = torch.split(pos_trans, self.d_model, dim=2)
-        return query_pos, tgt, coords.sigmoid(), enc_class, enc_coord_unact
+        return query_pos, tgt, coords.sigmoid(), enc
 
     def forward(
         self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
         query_embed: Tensor | None, class_embed: nn.ModuleList | None = None,
         bbox_embed: nn.ModuleList | None = None, refine_boxes: bool = False,
         dn_content: Tensor | None = None, dn_reference: Tensor | None = None,
-        self_attn_mask: Tensor | None = None, layer_hook=None,
+        self_attn_mask: Tensor | None = None, layer_hook=None, selection_hook=None,
     ) -> dict:
         """srcs / pos_embeds: per level (B, C, h_l, w_l); masks (B, h_l, w_l); query_embed (Q, 2C).
 
         Mixed selection only: ``dn_content`` (B, P, C) and ``dn_reference`` (B, P, 4) sigmoid boxes
         are denoising queries put before the matching ones; ``self_attn_mask`` (P + Q', P + Q')
         bool, True = may not attend (Q' = Q x query groups in training). ``layer_hook``: see
-        ``DeformableDecoder.forward``.
+        ``DeformableDecoder.forward``. Two-stage: ``selection_hook(selected (B, K, C), reference
+        (B, Q', 4), memory)`` sees the top-k selection before any denoising query is put in front
+        (a segmenter's unified query selection, ``pipeline/models/masked_attention.py``).
 
         Returns "hidden" (layers, B, Q, C), "init_reference" (B, Q, 2|4), "references"
         (list per layer of (B, Q, 2|4): its input reference; points become boxes after refinement) and, two-stage,
-        "enc_class" (B, S, classes), "enc_coord_unact" (B, S, 4); "memory" (B, S, C), the
+        "enc_class" (B, S, classes), "enc_coord_unact" (B, S, 4), "enc_topk" (B, K) and
+        "enc_selected" (B, K, C) (see ``two_stage_queries``); "memory" (B, S, C), the
         encoder output (level by level, as flattened; a segmentation head's pixel decoder reads it).
         """
         src_flat, mask_flat, pos_flat, shapes, valid_ratios = self.flatten_levels(srcs, masks, pos_embeds)
         memory = self.encoder(src_flat, shapes, valid_ratios, pos_flat, mask_flat)
         out: dict[str, Tensor] = {"memory": memory}
         if self.two_stage:
-            query_pos, tgt, reference, out["enc_class"], out["enc_coord_unact"] = self.two_stage_queries(
-                memory, mask_flat, shapes, class_embed, bbox_embed
-            )
+            query_pos, tgt, reference, enc = self.two_stage_queries(memory, mask_flat, shapes, class_embed, bbox_embed)
+            out.update(enc)
+            if selection_hook is not None:
+                selection_hook(enc["enc_selected"], reference, memory)
             if dn_content is not None:
                 if not self.mixed_selection:
                     raise ValueError("DeformableTransformer: denoising queries need mixed_selection=True")

@@ -227,11 +227,22 @@ class DeformableDETR(DetectorBase):
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> dict:
         srcs, masks, pos = self.multi_scale_inputs(images, padding_mask)
+        return self.detection_outputs(self.decode(srcs, masks, pos)[0])
+
+    def decode(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor], targets: list[dict] | None = None,
+               layer_hook=None, selection_hook=None) -> tuple[dict, None]:
+        """The transformer's output dict for the levels of ``multi_scale_inputs`` and no denoising
+        queries (``targets`` unused: DINO's override takes them); hooks as the transformer's."""
         query_embed = None if self.cfg.two_stage else self.query_embed.weight
         out = self.transformer(
-            srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine
+            srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine,
+            layer_hook=layer_hook, selection_hook=selection_hook,
         )
-        return self.detection_outputs(out)
+        return out, None
+
+    def training_outputs(self, outputs: dict, dn: None) -> dict:
+        """The training forward's outputs: the same as at inference (DINO adds its denoising keys)."""
+        return outputs
 
     def detection_outputs(self, out: dict) -> dict:
         """The transformer's output (per-layer "hidden", "references"...) -> the forward contract."""

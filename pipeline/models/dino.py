@@ -60,29 +60,43 @@ class DINO(DeformableDETR):
         """images (B, 3, H, W), padding_mask (B, H, W); targets (training): B dicts {"labels" (n,),
         "boxes" (n, 4) cx, cy, w, h normalised} on the images' device."""
         srcs, masks, pos = self.multi_scale_inputs(images, padding_mask)
+        out, dn = self.decode(srcs, masks, pos, targets)
+        outputs = self.detection_outputs(out)
+        return self.training_outputs(outputs, dn) if self.training and targets is not None else outputs
+
+    def decode(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor], targets: list[dict] | None = None,
+               layer_hook=None, selection_hook=None) -> tuple[dict, DenoisingQueries | None]:
+        """(the transformer's output dict, the denoising queries put before the matching ones or
+        None): denoising queries only in training with targets; hooks as the transformer's."""
         training = self.training and targets is not None
         dn = make_denoising_queries(targets, self.cfg.denoising, self.cfg.num_classes) if training else None
         groups = self.cfg.train_query_groups if self.training else 1
         num_dn = dn.num_slots if dn is not None else 0
         mask = self_attention_mask(num_dn, 2 * dn.max_boxes if dn else 1, self.cfg.num_queries, groups,
-                                   images.device)
+                                   srcs[0].device)
         out = self.transformer(
             srcs, masks, pos, None, self.class_embed, self.bbox_embed, refine_boxes=True,
             dn_content=self.label_enc(dn.labels) if dn is not None else None,
             dn_reference=dn.boxes if dn is not None else None, self_attn_mask=mask,
+            layer_hook=layer_hook, selection_hook=selection_hook,
         )
-        outputs = self.detection_outputs(out)
-        if not training:
-            return outputs
-        outputs, dn_outputs = split_denoising(outputs, num_dn)
+        return out, dn
+
+    def training_outputs(self, outputs: dict, dn: DenoisingQueries | None) -> dict:
+        """The forward contract's training keys: the matching part, "dn_outputs", "dn_meta",
+        "query_groups" (see the module docstring)."""
+        outputs, dn_outputs = split_denoising(outputs, dn.num_slots if dn is not None else 0)
         if dn is None:
             # The label embedding must get a gradient on every rank, or DeepSpeed / DDP wait
             # forever for the rank whose batch had no box.
             outputs["pred_logits"] = outputs["pred_logits"] + 0.0 * self.label_enc.weight.sum()
         outputs["dn_outputs"] = dn_outputs
         outputs["dn_meta"] = denoising_meta(dn)
-        outputs["query_groups"] = groups
+        outputs["query_groups"] = self.cfg.train_query_groups
         return outputs
+
+
+PER_QUERY_KEYS = ("pred_logits", "pred_boxes", "pred_masks")  # split along the query axis (masks: segmenters)
 
 
 def denoising_meta(dn: DenoisingQueries | None) -> dict[str, int]:
@@ -90,10 +104,11 @@ def denoising_meta(dn: DenoisingQueries | None) -> dict[str, int]:
 
 
 def split_denoising(outputs: dict, num_dn: int) -> tuple[dict, dict | None]:
-    """Split the detector dict along the query axis: (matching part, denoising part or None)."""
+    """Split the detector (or segmenter) dict along the query axis: (matching part, denoising
+    part or None)."""
 
     def part(layer: dict, keep: slice) -> dict:
-        return {key: value[:, keep] for key, value in layer.items() if key in ("pred_logits", "pred_boxes")}
+        return {key: value[:, keep] for key, value in layer.items() if key in PER_QUERY_KEYS}
 
     dn_part, matching = slice(0, num_dn), slice(num_dn, None)
     split = {**outputs, **part(outputs, matching),

@@ -1,4 +1,4 @@
-"""Universal segmenter: a Deformable DETR whose every decoder query also predicts a mask.
+"""Universal segmenter: a Deformable DETR or DINO whose every decoder query also predicts a mask.
 
 mask logits = (per-query mask embedding) . (per-pixel embedding), as MaskFormer / Mask2Former:
 
@@ -18,6 +18,14 @@ The detector part keeps the parameter names of ``pipeline/models/detr.py`` (``ba
 (and Mask DINO's mask-guided reference boxes); see ``pipeline/models/masked_attention.py``. It
 adds no parameter: the masks that guide layer i are the head's own prediction from layer i-1.
 The box head and its losses stay in every mode, so one export gives boxes and masks.
+
+``unified_query_selection`` (two-stage detectors; Mask DINO's unified query selection): the
+encoder's top-k selected tokens predict masks too; they guide the first decoder layer and are
+returned in training as "enc_selected" ({"pred_logits", "pred_boxes", "pred_masks"} of the K
+tokens) for the criterion's ``loss_mask_enc`` / ``loss_dice_enc``. The detector may be
+``kind: dino`` (``DINOSegmenter``): its denoising queries then predict masks as well, returned in
+training in "dn_outputs" for ``loss_mask_dn`` / ``loss_dice_dn`` of the positives
+(``pipeline/losses/denoising.py``). Neither adds a parameter, and inference returns the same keys.
 """
 
 from __future__ import annotations
@@ -37,9 +45,11 @@ from pipeline.models.detr import (
     feature_masks,
     group_norm,
 )
+from pipeline.models.dino import DINO
 from pipeline.models.masked_attention import MASK_ATTENTION_MODES, MaskGuidance
 
 PIXEL_STRIDES = (4, 8)
+SEGMENTER_DETECTORS = ("deformable", "dino")  # multi-scale detectors whose encoder memory the pixel decoder reads
 
 
 @dataclass
@@ -61,26 +71,34 @@ class MaskHeadConfig:
 
 @dataclass
 class SegmenterConfig:
-    """A Deformable DETR detector plus the mask head."""
+    """A Deformable DETR or DINO detector plus the mask head."""
 
-    detector: DetectorConfig = field(default_factory=DetectorConfig)  # kind must be "deformable"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # kind "deformable" or "dino"
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # pixel decoder, mask embeddings
     mask_attention: str = "none"  # "none" | "masked" (Mask2Former) | "masked+boxes" (+ Mask DINO boxes)
+    # Mask DINO: the encoder's top-k tokens predict masks (mask losses "_enc"; they guide decoder
+    # layer 0); needs two_stage. None: on when two_stage and mask_attention is not "none".
+    unified_query_selection: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.detector, dict):
             self.detector = DetectorConfig(**self.detector)
         if isinstance(self.mask_head, dict):
             self.mask_head = MaskHeadConfig(**self.mask_head)
-        if self.detector.kind != "deformable":
-            raise ValueError("SegmenterConfig.detector.kind must be 'deformable' (the pixel decoder reads "
-                             f"the multi-scale encoder memory), got {self.detector.kind!r}")
+        if self.detector.kind not in SEGMENTER_DETECTORS:
+            raise ValueError(f"SegmenterConfig.detector.kind must be one of {SEGMENTER_DETECTORS} (the pixel "
+                             f"decoder reads the multi-scale encoder memory), got {self.detector.kind!r}")
         if self.mask_attention not in MASK_ATTENTION_MODES:
             raise ValueError(f"SegmenterConfig.mask_attention must be one of {MASK_ATTENTION_MODES}, "
                              f"got {self.mask_attention!r}")
         if self.mask_attention == "masked+boxes" and not self.detector.two_stage:
             raise ValueError("model.mask_attention='masked+boxes' needs model.detector.two_stage: true "
                              "(the mask boxes replace reference boxes, as in Mask DINO)")
+        if self.unified_query_selection is None:
+            self.unified_query_selection = self.detector.two_stage and self.mask_attention != "none"
+        if self.unified_query_selection and not self.detector.two_stage:
+            raise ValueError("model.unified_query_selection: true needs model.detector.two_stage: true "
+                             "(the masks are predicted by the encoder's top-k selected tokens)")
         strides = self.detector.backbone.out_strides
         if strides[0] != 8:
             raise ValueError("SegmenterConfig: detector.backbone.out_strides must start at 8 (the pixel "
@@ -151,38 +169,55 @@ class DeformableSegmenter(DeformableDETR):
         pos = [self.position(mask).to(src.dtype) for mask, src in zip(masks, srcs)]
         return (srcs, masks, pos), high_res
 
-    def forward(self, images: Tensor, padding_mask: Tensor) -> dict:
+    def forward(self, images: Tensor, padding_mask: Tensor, targets: list[dict] | None = None) -> dict:
         """images (B, 3, H, W), padding_mask (B, H, W) -> the detector dict + "pred_masks"
-        (B, Q, ceil(H / s), ceil(W / s)) mask logits, s = pixel_stride, also in "aux_outputs"."""
+        (B, Q, ceil(H / s), ceil(W / s)) mask logits, s = pixel_stride, also in "aux_outputs";
+        in training "enc_selected" (unified query selection) and, DINO with ``targets``, the
+        denoising keys (masks in "dn_outputs" too)."""
         (srcs, masks, pos), high_res = self.multi_scale_inputs(images, padding_mask)
         shapes = [tuple(s.shape[-2:]) for s in srcs]
 
         def pixels_of(memory: Tensor) -> Tensor:  # (B, D, h, w)
             return self.pixel_decoder(memory_levels(memory, shapes)[0], high_res)
 
-        mode = self.segmenter_cfg.mask_attention
-        guide = None if mode == "none" else MaskGuidance(mode, self.mask_embed, pixels_of, masks, padding_mask)
-        query_embed = None if self.cfg.two_stage else self.query_embed.weight
-        out = self.transformer(
-            srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, refine_boxes=self.cfg.box_refine,
-            layer_hook=guide,
-        )
+        seg = self.segmenter_cfg
+        guide = MaskGuidance(seg.mask_attention, self.mask_embed, pixels_of, masks, padding_mask,
+                             unified=seg.unified_query_selection)
+        out, dn = self.decode(srcs, masks, pos, targets, layer_hook=None if seg.mask_attention == "none" else guide,
+                              selection_hook=guide.select if self.cfg.two_stage else None)
         outputs = self.detection_outputs(out)
-        layer_masks = self.layer_masks(out["hidden"], guide, pixels_of(out["memory"]) if guide is None else None)
+        layer_masks = self.layer_masks(out, guide)
         outputs["pred_masks"] = layer_masks[-1]
         for aux, masks_of_layer in zip(outputs["aux_outputs"], layer_masks[:-1]):
             aux["pred_masks"] = masks_of_layer
-        return outputs
+        if self.training and guide.selected_logits is not None:
+            outputs["enc_selected"] = selected_outputs(out, guide.selected_logits)
+        return self.training_outputs(outputs, dn) if self.training and targets is not None else outputs
 
-    def layer_masks(self, hidden: Tensor, guide: MaskGuidance | None, pixels: Tensor | None) -> list[Tensor]:
-        """(layers, B, Q, C) decoder states -> (B, Q, h, w) mask logits of every layer (the last
-        only without aux_loss). With masked attention, layer i's masks are those that guided layer
-        i + 1, already computed; only the last layer's are new."""
-        if guide is None:
+    def layer_masks(self, out: dict, guide: MaskGuidance) -> list[Tensor]:
+        """(B, Q, h, w) mask logits of every decoder layer (the last only without aux_loss). With
+        masked attention, layer i's masks are those that guided layer i + 1, already computed;
+        only the last layer's are new."""
+        hidden = out["hidden"]  # (layers, B, Q, C)
+        if self.segmenter_cfg.mask_attention == "none":
             layers = hidden if self.cfg.aux_loss else hidden[-1:]
-            return list(torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(layers), pixels))
+            return list(torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(layers), guide.pixels_for(out["memory"])))
         last = guide.predict_masks(hidden[-1])
         return [*guide.mask_logits[1:], last] if self.cfg.aux_loss else [last]
+
+
+class DINOSegmenter(DeformableSegmenter, DINO):
+    """DINO + the mask head: the segmenter's forward with DINO's decoding (denoising queries,
+    mixed query selection, query groups); ``needs_targets`` as DINO's."""
+
+
+def selected_outputs(out: dict, mask_logits: Tensor) -> dict:
+    """The encoder's top-k tokens: their (B, K, C) class logits, (B, K, 4) boxes and the (B, K, h, w)
+    mask logits they predicted, for the criterion's "_enc" mask losses."""
+    index = out["enc_topk"]
+    logits = torch.gather(out["enc_class"], 1, index[..., None].expand(-1, -1, out["enc_class"].shape[-1]))
+    boxes = torch.gather(out["enc_coord_unact"], 1, index[..., None].expand(-1, -1, 4)).sigmoid()
+    return {"pred_logits": logits, "pred_boxes": boxes, "pred_masks": mask_logits}
 
 
 def segmenter_backbone_config(cfg: SegmenterConfig) -> BackboneConfig:
@@ -195,4 +230,5 @@ def segmenter_backbone_config(cfg: SegmenterConfig) -> BackboneConfig:
 
 def build_segmenter(cfg: SegmenterConfig) -> DeformableSegmenter:
     """The segmenter for ``cfg`` (backbone weights from ``cfg.detector.backbone.weights`` if set)."""
-    return DeformableSegmenter(cfg, build_backbone(segmenter_backbone_config(cfg)))
+    segmenter = DINOSegmenter if cfg.detector.kind == "dino" else DeformableSegmenter
+    return segmenter(cfg, build_backbone(segmenter_backbone_config(cfg)))

@@ -26,15 +26,24 @@ cross-attention is then restricted to those masks. What "restricted" means here,
   DINO does this once, for the boxes selected from the encoder; here it is done before every
   layer, box refinement staying as the fallback for queries with empty masks. Needs box
   references (``two_stage``). Masked sampling is applied as well.
+- **Unified query selection** (Mask DINO Sec. 3.3, ``unified_query_selection``): the encoder's
+  top-k selected tokens (two-stage) also predict masks, their transformed memory . per-pixel
+  embeddings with the same head. Those masks, not the initial queries' own, guide layer 0 of the
+  matching queries (repeated per Group-DETR group), so with ``masked+boxes`` layer 0's reference
+  boxes are their tight boxes (Mask DINO's mask-enhanced anchor box initialisation). The segmenter
+  returns them in training as "enc_selected" and the criterion gives them the mask losses
+  (``loss_mask_enc``, ``loss_dice_enc``), which makes the selection mask-aware. Without it the
+  masks guiding layer 0 come from the initial queries with no loss of their own (every later
+  guiding mask is a supervised auxiliary prediction).
+- **Denoising queries** (DINO segmenter, training): they are guided like the matching queries, by
+  their own masks, with one exception: at layer 0 they keep their noised ground-truth boxes (the
+  box they are to denoise), and their layer-0 masks are predicted from their label embedding. The
+  decoder's self-attention mask still keeps the matching queries from seeing them; masked
+  attention is per query and mixes nothing across queries.
 
-Not implemented: Mask DINO's unified query selection (masks for the encoder's top-k proposals and
-their loss), masks for DINO's denoising queries (the segmenter builds on Deformable DETR), and
-Mask2Former's loss on the masks of the initial queries: the masks that guide layer 0 come from
-the shared mask head without a loss of their own (every later guiding mask is a supervised
-auxiliary prediction).
-
-``MaskGuidance`` is the decoder's ``layer_hook``; it keeps the mask logits it computed, so that
-the segmenter reuses them as the per-layer "pred_masks" instead of computing them twice.
+``MaskGuidance`` is the transformer's ``selection_hook`` and the decoder's ``layer_hook``; it
+keeps the mask logits it computed, so that the segmenter reuses them as the per-layer
+"pred_masks" instead of computing them twice.
 """
 
 from __future__ import annotations
@@ -107,33 +116,64 @@ def boxes_from_masks(mask_logits: Tensor, padding: Tensor,
 
 
 class MaskGuidance:
-    """The decoder's ``layer_hook`` for one forward pass (see the module docstring).
+    """One forward pass's mask guidance (see the module docstring): the transformer's
+    ``selection_hook`` (``select``) and, unless ``mode`` is "none", the decoder's ``layer_hook``.
 
     ``pixels_of(memory (B, S, C)) -> (B, D, h, w)`` runs the pixel decoder once, on the first
     call; ``level_padding`` holds the (B, h_l, w_l) padding mask of every level, ``padding_mask``
     (B, H, W) that of the images. ``mask_logits[i]`` (B, Q, h, w) is the prediction that guided
-    layer i (from layer i-1's output for i >= 1, with gradient).
+    layer i (from layer i-1's output for i >= 1, with gradient); ``selected_logits`` (B, K, h, w)
+    those of the encoder's top-k tokens (``unified`` only, with gradient).
     """
 
     def __init__(self, mode: str, mask_embed: nn.Module, pixels_of: Callable[[Tensor], Tensor],
-                 level_padding: list[Tensor], padding_mask: Tensor):
-        if mode not in MASK_ATTENTION_MODES[1:]:
-            raise ValueError(f"MaskGuidance: mode must be one of {MASK_ATTENTION_MODES[1:]}, got {mode!r}")
-        self.mode, self.mask_embed, self.pixels_of = mode, mask_embed, pixels_of
+                 level_padding: list[Tensor], padding_mask: Tensor, unified: bool = False):
+        if mode not in MASK_ATTENTION_MODES:
+            raise ValueError(f"MaskGuidance: mode must be one of {MASK_ATTENTION_MODES}, got {mode!r}")
+        self.mode, self.mask_embed, self.pixels_of, self.unified = mode, mask_embed, pixels_of, unified
         self.level_padding, self.padding_mask = level_padding, padding_mask
         self.shapes = [tuple(p.shape[-2:]) for p in level_padding]
         self.pixels: Tensor | None = None
         self.mask_logits: list[Tensor] = []
+        self.num_matching: int | None = None  # matching queries (after the denoising ones), from select
+        self.selected_logits: Tensor | None = None
+
+    def pixels_for(self, memory: Tensor) -> Tensor:
+        """The per-pixel embeddings (B, D, h, w) of ``memory``, computed once per forward."""
+        if self.pixels is None:
+            self.pixels = self.pixels_of(memory)
+        return self.pixels
 
     def predict_masks(self, queries: Tensor) -> Tensor:
         """(B, Q, C) query states -> (B, Q, h, w) mask logits."""
         return torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), self.pixels)
 
+    def select(self, selected: Tensor, reference: Tensor, memory: Tensor) -> None:
+        """``selection_hook``: selected (B, K, C) top-k tokens, reference (B, Q', 4) of the
+        matching queries (Q' = K x query groups): how many there are, and with ``unified`` the
+        tokens' masks."""
+        self.num_matching = reference.shape[1]
+        if self.unified:
+            self.pixels_for(memory)
+            self.selected_logits = self.predict_masks(selected)
+
+    def num_denoising(self, tgt: Tensor) -> int:
+        """Denoising queries in front of the matching ones (0 without a selection)."""
+        return 0 if self.num_matching is None else tgt.shape[1] - self.num_matching
+
+    def initial_masks(self, tgt: Tensor) -> Tensor:
+        """Layer 0's guiding masks (B, Q, h, w): the selected tokens' for the matching queries
+        (unified; each query group repeats them), else every query's own from ``tgt``."""
+        if self.selected_logits is None:
+            return self.predict_masks(tgt)
+        num_dn = self.num_denoising(tgt)
+        matching = self.selected_logits.repeat(1, self.num_matching // self.selected_logits.shape[1], 1, 1)
+        return torch.cat([self.predict_masks(tgt[:, :num_dn]), matching], 1) if num_dn else matching
+
     def __call__(self, index: int, tgt: Tensor, reference_points: Tensor, memory: Tensor):
         """-> (reference points for layer ``index``, its cross-attention's weight filter)."""
-        if self.pixels is None:
-            self.pixels = self.pixels_of(memory)
-        logits = self.predict_masks(tgt)
+        self.pixels_for(memory)
+        logits = self.initial_masks(tgt) if index == 0 else self.predict_masks(tgt)
         self.mask_logits.append(logits)
         allowed = level_attention_masks(logits, self.level_padding)
 
@@ -146,5 +186,7 @@ class MaskGuidance:
                                  "(model.detector.two_stage: true)")
             padding = mask_to_feature(self.padding_mask, tuple(logits.shape[-2:]))
             boxes, found = boxes_from_masks(logits, padding)
+            if index == 0:  # denoising queries start from the noised box they are to denoise
+                found[:, :self.num_denoising(tgt)] = False
             reference_points = torch.where(found[..., None], boxes.to(reference_points.dtype), reference_points)
         return reference_points, weight_filter
