@@ -23,8 +23,9 @@ from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
 from pipeline.eval.segmentation import SegmentationEvalConfig, segmentation_evaluate
 from pipeline.inference.model_io import ModelSpec
+from pipeline.losses.denoising import build_dino_criterion
 from pipeline.losses.masks import MaskLossConfig
-from pipeline.losses.set_criterion import CriterionConfig, SetCriterion
+from pipeline.losses.set_criterion import CriterionConfig
 from pipeline.models.mask_head import SegmenterConfig, build_segmenter
 from pipeline.tracking import TrackingConfig
 from stages.common import StageContext, StageParts, StageResult, TrainConfig, train_stage
@@ -75,7 +76,7 @@ def segmentation_parts(cfg: Config, ctx: StageContext, env) -> StageParts:
     num_classes = len(train_view.categories)
     detector = dataclasses.replace(cfg.model.detector, num_classes=num_classes)
     model_cfg = dataclasses.replace(cfg.model, detector=detector)
-    criterion = SetCriterion.from_config(cfg.criterion, num_classes, detector.focal)
+    criterion = build_dino_criterion(cfg.criterion, num_classes, detector.focal)
     instances = load_shard_info(Path(data.shards) / "val").annotation_path
     model = build_segmenter(model_cfg)
     categories = list(train_view.categories)

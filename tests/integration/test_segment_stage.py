@@ -59,3 +59,21 @@ def test_segment_stage_from_a_detector_export(tmp_path, capsys, monkeypatch):
     assert all("mask_area" in query for image in report["images"] for query in image["queries"])
     # copied with the pictures after the evaluation, as for the detection stages
     assert list((ctx.run_dir / "artifacts" / "evaluations").glob("step_*/inspect/report.html"))
+
+
+def test_segment_stage_trains_a_dino_segmenter(tmp_path, monkeypatch):
+    # A DINO detector under the mask head: its denoising queries predict masks too, so the
+    # stage must build the DINO criterion (the plain one refuses denoising outputs).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_samples(tmp_path / "samples", "tiny")
+    cfg = load_config(RECIPE, segment_finetune.Config, [
+        f"data.shards={tmp_path / 'samples' / 'detect'}", "init_from=null", "model.detector.kind=dino",
+        "model.detector.denoising.dn_number=8", "train.max_steps=2", "train.eval_every=0",
+        "train.progress_bar=false", "tracking.enabled=false", "data.num_workers=0",
+        "data.batch_size=2", "eval.pictures=0", "eval.inspect_images=0",
+    ], ignore_keys=("stage",))
+    ctx = StageContext(workdir=tmp_path / "runs", pipeline="demo", stage="segment")
+    result = segment_finetune.run(cfg, ctx)
+    assert result.status == "done" and {"PQ", "segm_AP"} <= set(result.metrics)
+    logged = [json.loads(line) for line in (ctx.run_dir / "logs" / "metrics.jsonl").open()]
+    assert any("train/loss" in line["metrics"] for line in logged)
