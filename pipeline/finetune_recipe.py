@@ -134,7 +134,7 @@ def segmenter_section(detector: dict, source: str) -> dict:
         SegmenterConfig(**model)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"--task segment: the detector of {source} cannot take a mask head "
-                          f"({err}); start from a Deformable DETR export") from None
+                          f"({err}); start from a Deformable DETR or DINO export") from None
     return model
 
 
