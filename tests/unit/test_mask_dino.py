@@ -20,6 +20,7 @@ from pipeline.models.denoising import DenoisingConfig
 from pipeline.models.mask_head import MaskHeadConfig, SegmenterConfig, build_segmenter
 from pipeline.models.masked_attention import boxes_from_masks
 from pipeline.models.position import mask_to_feature
+from tests.unit.decoder_probe import record_reference_points
 
 HEIGHT, WIDTH = 64, 80  # image 1 is padded below row 48
 NUM_QUERIES = 8
@@ -137,14 +138,7 @@ def test_first_layer_is_guided_by_the_selected_tokens_masks(batch, monkeypatch, 
     cfg = tiny_config(kind, "masked+boxes", train_query_groups=groups)
     model = make_model(cfg).train()
     recorder, made = Recorder(monkeypatch), record_denoising(monkeypatch)
-    seen = []
-    original = model.transformer.decoder.layers[0].forward
-
-    def first_layer(tgt, query_pos, reference_points, *args, **kwargs):
-        seen.append(reference_points)
-        return original(tgt, query_pos, reference_points, *args, **kwargs)
-
-    model.transformer.decoder.layers[0].forward = first_layer
+    seen = record_reference_points(model, 0)
     targets = TARGETS if kind == "dino" else None
     out = model(*batch, targets)
     selected = out["enc_selected"]["pred_masks"]  # (B, K, h, w)

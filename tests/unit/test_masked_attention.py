@@ -18,6 +18,7 @@ from pipeline.models.masked_attention import (
     masked_sampling_weights,
 )
 from pipeline.models.position import mask_to_feature
+from tests.unit.decoder_probe import record_reference_points
 
 SHAPES = [(12, 16), (6, 8), (3, 4)]
 
@@ -157,14 +158,7 @@ def test_every_decoder_layer_samples_inside_its_guiding_masks(batch, mode, monke
 def test_mask_boxes_become_the_reference_boxes(batch):
     torch.manual_seed(0)
     model = build_segmenter(tiny_config("masked+boxes")).eval()
-    seen = []
-    original = model.transformer.decoder.layers[1].forward
-
-    def recording(tgt, query_pos, reference_points, *args, **kwargs):
-        seen.append(reference_points)
-        return original(tgt, query_pos, reference_points, *args, **kwargs)
-
-    model.transformer.decoder.layers[1].forward = recording
+    seen = record_reference_points(model, 1)  # the layer guided by layer 0's masks
     with torch.no_grad():
         out = model(*batch)
     images, padding_mask = batch
