@@ -16,6 +16,7 @@ from pipeline import dist
 from pipeline.config import path_field
 from pipeline.data.classification import ClassificationDataConfig, build_classification_loader
 from pipeline.data.collate import model_images
+from pipeline.data.device_decode import decode_batch_on
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig
 from pipeline.eval.topk import TopKAccuracy
@@ -75,6 +76,8 @@ def _parts(cfg: Config, ctx: StageContext, env: dist.DistEnv) -> StageParts:
     loss_fn = build_classification_loss(cfg.loss)
 
     def task_step(strategy, state, batch):
+        # decode_on: device batches carry JPEG bytes; decoded here, skips counted by the loader
+        batch = decode_batch_on(strategy.device, batch, cfg.data.image_size, train_loader.skipped)
         images = model_images(batch, strategy.device, strategy.compute_dtype)
         labels = batch["labels"].to(strategy.device)
         logits = strategy.module(images)

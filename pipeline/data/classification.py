@@ -11,15 +11,19 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from pipeline.config import path_field
-from pipeline.data.collate import collate_classification
+from pipeline.data.collate import collate_classification, collate_jpeg_classification
 from pipeline.data.decoding import open_image
+from pipeline.data.device_decode import jpeg_sample
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.eval_stream import EvalLoader, build_split_loader
 from pipeline.data.shards import load_shard_info
 from pipeline.data.stream import TrainLoader
 from pipeline.data.transforms import ClassificationAugment, ClassificationEval
+
+DecodeOn = Literal["cpu", "device"]
 
 
 @dataclass
@@ -47,6 +51,9 @@ class ClassificationDataConfig:
     eval_batch_size: int | None = None
     # Splits read as training streams; any other split is read once, in order.
     train_splits: list[str] = field(default_factory=lambda: ["train"])
+    # Where training images are decoded and augmented: "cpu" (the loader workers) or "device"
+    # (the workers pass JPEG bytes and crop/flip decisions; nvJPEG on a GPU; same batches).
+    decode_on: DecodeOn = "cpu"
 
     def __post_init__(self) -> None:
         bad = [n for n in ("batch_size", "image_size", "shuffle_buffer") if getattr(self, n) < 1]
@@ -65,6 +72,10 @@ class ClassificationDataConfig:
             raise ValueError(
                 f"ClassificationDataConfig.flip_prob must be in [0, 1], got {self.flip_prob}"
             )
+        if self.decode_on not in get_args(DecodeOn):
+            raise ValueError(
+                f"ClassificationDataConfig.decode_on must be one of {list(get_args(DecodeOn))}, got {self.decode_on!r}"
+            )
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(
                 f"ClassificationDataConfig.steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}"
@@ -73,10 +84,15 @@ class ClassificationDataConfig:
 
 @dataclass(frozen=True)
 class ClassificationDecoder:
-    """Raw shard sample -> (image (3, S, S) uint8, label); picklable for workers."""
+    """Raw shard sample -> (image (3, S, S) uint8, label); picklable for workers.
+
+    ``raw_jpeg`` (decode_on: device, training): -> ((JPEG bytes, crop box, flip), label) instead,
+    with the same rng draws (see pipeline.data.device_decode).
+    """
 
     num_classes: int
     transform: ClassificationAugment | ClassificationEval
+    raw_jpeg: bool = False
 
     def __call__(self, raw: dict, rng: random.Random | None, dropped: Counter):
         key = raw.get("__key__", "?")
@@ -88,6 +104,8 @@ class ClassificationDecoder:
             raise SkipSample("bad_label", f"{key}: label {label} not in [0, {self.num_classes})")
         image = open_image(raw.get("jpg"), key)  # decoded by the transform, at its scale
         try:
+            if self.raw_jpeg:
+                return jpeg_sample(raw["jpg"], image, self.transform, rng), label
             return self.transform(image, rng), label
         except SkipSample as skip:
             raise SkipSample(skip.reason, f"{key}: {skip.detail}") from skip
@@ -113,6 +131,8 @@ def build_classification_loader(
         )
     else:
         transform = ClassificationEval(cfg.image_size)
-    decode = ClassificationDecoder(info.num_classes, transform)
-    return build_split_loader(cfg, info, decode, collate_classification, train, rank, world_size,
-                              seed)
+    # Evaluation splits are decoded by the workers whatever decode_on says (read once, small).
+    on_device = train and cfg.decode_on == "device"
+    decode = ClassificationDecoder(info.num_classes, transform, raw_jpeg=on_device)
+    collate = collate_jpeg_classification if on_device else collate_classification
+    return build_split_loader(cfg, info, decode, collate, train, rank, world_size, seed)

@@ -22,6 +22,18 @@ def collate_classification(samples: Sequence[tuple[Tensor, int]]) -> dict[str, T
     return {"images": images, "labels": labels}
 
 
+def collate_jpeg_classification(samples: Sequence[tuple[tuple, int]]) -> dict:
+    """[((jpeg (N,) uint8, crop box, flip), label)] -> the batch of ``decode_on: device``:
+    {"jpegs": B (N_i,) uint8 tensors, "crops": (B, 4) int64 x0, y0, x1, y1, "flips": (B,) bool,
+    "labels": (B,) int64}; ``pipeline.data.device_decode.decode_batch_on`` makes the images."""
+    return {
+        "jpegs": [jpeg for (jpeg, _, _), _ in samples],
+        "crops": torch.tensor([box for (_, box, _), _ in samples], dtype=torch.int64).reshape(-1, 4),
+        "flips": torch.tensor([flip for (_, _, flip), _ in samples], dtype=torch.bool),
+        "labels": torch.tensor([label for _, label in samples], dtype=torch.int64),
+    }
+
+
 def collate_detection(samples: Sequence[tuple[Tensor, dict]], size_divisibility: int = 1) -> dict:
     """[(image (3, h_i, w_i), target)] -> the detection batch of the project's convention.
 

@@ -277,11 +277,19 @@ class ClassificationAugment:
                 return left, top, left + w, top + h
         return 0, 0, width, height
 
+    def draw(
+        self, width: int, height: int, rng: random.Random
+    ) -> tuple[tuple[int, int, int, int], bool]:
+        """(crop box, flip) of one sample: every rng draw of __call__, in its order, so that
+        decoding on the training device (pipeline.data.device_decode) crops what this would."""
+        box = self.crop_box(width, height, rng)
+        return box, rng.random() < self.flip_prob
+
     def __call__(self, image: Image.Image, rng: random.Random) -> Tensor:
         """-> (3, size, size) uint8."""
-        box = self.crop_box(image.width, image.height, rng)
+        box, flip = self.draw(image.width, image.height, rng)
         image = resample_image(image, box, self.size, self.size)
-        if rng.random() < self.flip_prob:
+        if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return image_to_uint8(image)
 
