@@ -154,18 +154,18 @@ def _triton_kernel() -> KernelFn | None:
 
 
 def _pick_pure_pytorch(value: Tensor, sampling_locations: Tensor) -> KernelFn:
-    """Canvas (one grid_sample) for encoder self-attention (as many queries as value tokens);
-    per-level grid_sample otherwise (decoder cross-attention: a few hundred queries), where
-    building the canvas costs more than it saves.
+    """The faster pure PyTorch path for the device and sizes, as measured fwd+bwd
+    (benchmarks/detr_step.py, interleaved rounds):
 
-    Measured fwd+bwd (benchmarks/detr_step.py, interleaved rounds): H100 at R50 800x1088,
-    encoder 14.5 (canvas) vs 15.2 ms, decoder 2.1 (grid_sample) vs 2.5 ms; 2-core CPU, tiny
-    config, decoder (50 queries, 1700 tokens) 45 (grid_sample) vs 94 ms (canvas). An earlier
-    rule (samples per query x queries >= tokens) sent decoders on small images (R50 at 320 px:
-    4800 samples, 2125 tokens) to the canvas, the slower path there.
+    - CUDA: the canvas (one grid_sample) for encoder self-attention (as many queries as value
+      tokens), H100 at R50 800x1088 14.5 vs 15.2 ms; per-level grid_sample for decoder
+      cross-attention (a few hundred queries), 2.1 vs 2.5 ms, where building the canvas costs
+      more than it saves.
+    - CPU: per-level grid_sample everywhere. Idle 2-core CPU, tiny config: encoder (1700
+      queries and tokens) 24.2 vs 29.6 ms (canvas), HF 28.6; decoder (50 queries) 2.3 vs 3.3 ms.
+      On CPU the canvas's zero-padded copy and its larger backward outweigh the saved calls.
     """
-    queries = sampling_locations.shape[1]
-    if queries >= value.shape[1]:
+    if value.device.type == "cuda" and sampling_locations.shape[1] >= value.shape[1]:
         return ms_deform_attn_canvas
     return ms_deform_attn_grid_sample
 
