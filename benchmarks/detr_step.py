@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.engine.optim import OptimizerConfig, build_optimizer
 from pipeline.models import BackboneConfig, DetectorConfig, build_detector
 from pipeline.models.ops import ms_deform_attn
 
@@ -53,8 +54,13 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict:
-    """Mean milliseconds per call of ``fn`` and peak memory (CUDA only)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int, clock: str = "wall") -> dict:
+    """Mean milliseconds per call of ``fn`` and peak memory (CUDA only). ``clock="cpu"`` counts
+    this process's CPU time instead of wall time: with one torch thread it is the work a step
+    costs, which other jobs on a shared machine do not inflate the way they inflate wall time."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -67,10 +73,11 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int)
         end.record()
         torch.cuda.synchronize(device)
         return {"ms": start.elapsed_time(end) / steps, "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    begin = time.perf_counter()
+    now = CLOCKS[clock]
+    begin = now()
     for _ in range(steps):
         fn()
-    return {"ms": (time.perf_counter() - begin) * 1000 / steps, "peak_mem_mb": None}
+    return {"ms": (now() - begin) * 1000 / steps, "peak_mem_mb": None}
 
 
 def autocast(device: torch.device, dtype: str):
@@ -103,8 +110,18 @@ def hf_model(spec: dict, num_classes: int) -> torch.nn.Module:
         num_feature_levels=spec["levels"], encoder_n_points=spec["points"], decoder_n_points=spec["points"],
         two_stage=spec.get("two_stage", False), with_box_refine=spec.get("box_refine", False),
         two_stage_num_proposals=spec["num_queries"],
+        # the paper's dropout everywhere, as ours (HF's defaults leave attention and FFN
+        # activations without it, which is less work per step and another model)
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
     )
-    return DeformableDetrForObjectDetection(config)
+    model = DeformableDetrForObjectDetection(config)
+    # The paper (and HF's own intent) freezes the stem and the first stage; in this version HF's
+    # check for timm names does not match and trains the whole body. Freeze them here so both
+    # sides train the same parameters (ours: frozen_stages=2).
+    for name, param in model.model.backbone.named_parameters():
+        if not any(f"layer{k}" in name for k in (2, 3, 4)):
+            param.requires_grad_(False)
+    return model
 
 
 def make_targets(batch: int, num_classes: int, device: torch.device, seed: int = 0) -> list[dict]:
@@ -123,8 +140,13 @@ def make_targets(batch: int, num_classes: int, device: torch.device, seed: int =
 def step_fn(model: torch.nn.Module, images, mask, targets, device, dtype: str, peer: bool,
             criterion=None) -> Callable[[], None]:
     """The REAL training step: forward, matcher + set criterion (with auxiliary losses),
-    backward, AdamW step. HF's through ``labels=`` (its own matcher and loss)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    backward, AdamW step. HF's through ``labels=`` (its own matcher and loss). Each side steps
+    the optimizer its trainer uses: ours ``build_optimizer`` (parameter groups, fused AdamW), HF's
+    ``Trainer`` default ``adamw_torch_fused``."""
+    if peer:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    else:
+        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-5))
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
 
     def run() -> None:
@@ -171,7 +193,7 @@ def bench_models(spec: dict, device: torch.device, args) -> dict:
     rounds: dict[str, list[dict]] = {name: [] for name in steps}
     for round_index in range(args.rounds):
         for name, fn in steps.items():
-            rounds[name].append(timed(fn, device, args.warmup if round_index == 0 else 1, args.steps))
+            rounds[name].append(timed(fn, device, args.warmup if round_index == 0 else 1, args.steps, args.clock))
     for name, timings in rounds.items():
         result[name]["ms"] = statistics.median(t["ms"] for t in timings)
         result[name]["ms_rounds"] = [t["ms"] for t in timings]
@@ -249,7 +271,7 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
         for round_index in range(args.rounds):  # interleaved: load changes hit all alike
             for name, run in runs.items():
                 warmup = args.warmup if round_index == 0 else 1
-                timings[name].append(timed(run, device, warmup, args.steps)["ms"])
+                timings[name].append(timed(run, device, warmup, args.steps, args.clock)["ms"])
         for name, values in timings.items():
             entry[name] = {"ms": statistics.median(values), "ms_rounds": values}
         if peer is None:
@@ -278,7 +300,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-attention", action="store_true", help="only time the step")
     parser.add_argument("--encoder-candidates", default="all",
                         help="'fast' skips the gather path at encoder sizes (slow on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="'cpu': process CPU time (use with --threads 1 on a shared machine)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU work; on CUDA the times come from CUDA events")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = dict(CONFIGS[args.config])
     spec.update({k: getattr(args, k) for k in ("batch", "height", "width") if getattr(args, k) is not None})
@@ -287,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": args.config, "spec": spec, "dtype": args.dtype, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+        "threads": torch.get_num_threads(), "clock": args.clock if device.type == "cpu" else "cuda_events",
     }
     if not args.skip_attention:
         report["ms_deform_attn"] = bench_attention(spec, device, args)
