@@ -69,8 +69,9 @@ def decode_region(
         if drafted is not None:
             scale = width / drafted[1][2]
     try:
-        # convert() loads fully, so truncation shows here
-        rgb = image if image.mode == "RGB" and not unloaded else image.convert("RGB")
+        if unloaded:
+            image.load()  # decodes fully, so truncation shows here
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when RGB already
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exn:
         raise SkipSample("corrupt_image", str(exn)) from exn
     return rgb, tuple(float(v) / scale for v in region)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -89,18 +90,46 @@ def resample_target(target: Target, region: Sequence[float], out_w: int, out_h: 
 
 def resample_image(
     image: Image.Image, region: Sequence[float], out_w: int, out_h: int, flip: bool = False
-) -> Image.Image:
+) -> tuple[Tensor, tuple[float, float, float, float]]:
     """Decode (at the reduced scale ``region`` allows) and resize ``region`` to (out_w, out_h).
+
+    Returns the pixels, (3, out_h, out_w) uint8 RGB, and the region they show, in pixels of the
+    full-size image: ``region`` snapped to whole pixels of the decoded image (at most half a
+    decoded pixel per edge), which the target must be resampled with so that boxes and masks stay
+    on the pixels. The resize is torch's uint8 bilinear with antialiasing (PIL's filter, 3x faster
+    than PIL's own at COCO sizes on one core).
 
     ``flip``: ``region`` is given in the mirrored image, and the output is mirrored: the same
     pixels as flipping first, without decoding or flipping the full-size image.
     """
     x0, y0, x1, y1 = (float(v) for v in region)
+    full_width = image.width  # before decoding: a JPEG drafted in place reports its reduced size
     if flip:
-        x0, x1 = image.width - x1, image.width - x0
+        x0, x1 = full_width - x1, full_width - x0
     pixels, box = decode_region(image, (x0, y0, x1, y1), out_w, out_h)
-    out = pixels.resize((out_w, out_h), Image.BILINEAR, box=box)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+    scale = (x1 - x0) / (box[2] - box[0]) if box[2] > box[0] else 1.0
+    left, top, right, bottom = _whole_pixels(box, pixels.width, pixels.height)
+    chw = torch.from_numpy(np.array(pixels, dtype=np.uint8))[top:bottom, left:right].permute(2, 0, 1)
+    mirror_output = flip
+    if flip and chw.shape[1] * chw.shape[2] <= out_h * out_w:  # mirror the smaller of in and out
+        chw, mirror_output = chw.flip(-1), False
+    if tuple(chw.shape[1:]) != (out_h, out_w):
+        chw = F.interpolate(chw[None], size=(out_h, out_w), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    chw = chw.flip(-1) if mirror_output else chw.contiguous()
+    shown = (left * scale, top * scale, right * scale, bottom * scale)
+    if flip:
+        shown = (full_width - shown[2], shown[1], full_width - shown[0], shown[3])
+    return chw, shown
+
+
+def _whole_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) rounded to whole pixels inside a width x height image, >= 1 px."""
+    left = min(max(round(box[0]), 0), width - 1)
+    top = min(max(round(box[1]), 0), height - 1)
+    right = min(max(round(box[2]), left + 1), width)
+    bottom = min(max(round(box[3]), top + 1), height)
+    return left, top, right, bottom
 
 
 def resample(
@@ -112,7 +141,8 @@ def resample(
     crops it stands for: repeated resampling would drift masks away from boxes. Boxes are
     clipped to the region; objects left without area (or, with masks, without pixels) are dropped.
     """
-    return resample_image(image, region, out_w, out_h), resample_target(target, region, out_w, out_h)
+    pixels, shown = resample_image(image, region, out_w, out_h)
+    return pixels, resample_target(target, shown, out_w, out_h)
 
 
 def resize(image: Image.Image, target: Target, size: int, max_size: int | None) -> tuple:
@@ -188,8 +218,8 @@ class DetectionAugment:
         else:
             crop_w, crop_h = image.width, image.height
         out_w, out_h = scaled_size(crop_w, crop_h, rng.choice(list(self.scales)), self.max_size)
-        pixels = resample_image(image, region, out_w, out_h, flip)
-        return pixels, resample_target(target, region, out_w, out_h)
+        pixels, shown = resample_image(image, region, out_w, out_h, flip)
+        return pixels, resample_target(target, shown, out_w, out_h)
 
 
 @dataclass(frozen=True)
@@ -238,18 +268,20 @@ def normalize_images(images: Tensor, padding_mask: Tensor | None = None) -> Tens
     return out
 
 
-def to_model_inputs(image: Image.Image, target: Target) -> tuple[Tensor, Target]:
-    """Final step: uint8 image tensor and boxes as cx, cy, w, h in [0, 1] of the image.
+def to_model_inputs(image: Tensor | Image.Image, target: Target) -> tuple[Tensor, Target]:
+    """Final step: uint8 image tensor (3, H, W) and boxes as cx, cy, w, h in [0, 1] of the image.
 
     (The same conversion as ``pipeline.boxes.box_xyxy_to_cxcywh``, in numpy: see _sample_masks.)
     """
-    height, width = image.height, image.width
+    if isinstance(image, Image.Image):
+        image = image_to_uint8(image)
+    height, width = image.shape[1:]
     x0, y0, x1, y1 = target["boxes"].numpy().reshape(-1, 4).T
     boxes = np.stack(
         [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height], 1
     )
     boxes = torch.from_numpy(boxes.clip(0, 1).astype(np.float32).reshape(-1, 4))
-    return image_to_uint8(image), dict(target, boxes=boxes)
+    return image, dict(target, boxes=boxes)
 
 
 @dataclass(frozen=True)
@@ -288,10 +320,9 @@ class ClassificationAugment:
     def __call__(self, image: Image.Image, rng: random.Random) -> Tensor:
         """-> (3, size, size) uint8."""
         box, flip = self.draw(image.width, image.height, rng)
-        image = resample_image(image, box, self.size, self.size)
-        if flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return image_to_uint8(image)
+        if flip:  # the same pixels as cropping ``box`` and mirroring the crop
+            box = (image.width - box[2], box[1], image.width - box[0], box[3])
+        return resample_image(image, box, self.size, self.size, flip)[0]
 
 
 @dataclass(frozen=True)
@@ -309,4 +340,4 @@ class ClassificationEval:
         left, top = (width - self.size) // 2, (height - self.size) // 2
         sx, sy = image.width / width, image.height / height
         region = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        return image_to_uint8(resample_image(image, region, self.size, self.size))
+        return resample_image(image, region, self.size, self.size)[0]

@@ -52,9 +52,11 @@ def scenes(draw):
     return Image.fromarray(pixels), target
 
 
-def _assert_aligned(image: Image.Image, target: dict) -> None:
-    assert target["masks"].shape[1:] == (image.height, image.width)
-    assert tuple(target["size"].tolist()) == (image.height, image.width)
+def _assert_aligned(image: torch.Tensor, target: dict) -> None:
+    height, width = image.shape[1:] if isinstance(image, torch.Tensor) else (image.height, image.width)
+    assert image.dtype == torch.uint8 if isinstance(image, torch.Tensor) else image.mode == "RGB"
+    assert target["masks"].shape[1:] == (height, width)
+    assert tuple(target["size"].tolist()) == (height, width)
     assert (
         len(target["boxes"]) == len(target["labels"]) == len(target["masks"]) == len(target["area"])
     )
@@ -75,7 +77,7 @@ def test_train_augmentation_keeps_masks_and_boxes_aligned(scene, seed):
     )  # fmt: skip
     image, target = augment(image, target, random.Random(seed))
     _assert_aligned(image, target)
-    assert max(image.size) <= 80
+    assert max(image.shape[1:]) <= 80
 
 
 @settings(max_examples=40, deadline=None)
@@ -88,7 +90,7 @@ def test_crop_clips_and_drops(scene, top, left, height, width):
     )
     top, left = min(top, image.height - 1), min(left, image.width - 1)
     cropped, out = crop(image, target, top, left, height, width)
-    assert cropped.size == (width, height)
+    assert tuple(cropped.shape) == (3, height, width)
     _assert_aligned(cropped, out)
     # An object survives exactly when its box overlaps the crop window.
     boxes = target["boxes"]
@@ -124,7 +126,7 @@ def test_resize_respects_shorter_side_and_max_size():
         "area": torch.tensor([288.0]),
     }
     out_image, out = resize(image, target, 60, None)
-    assert out_image.size == (120, 60)
+    assert tuple(out_image.shape) == (3, 60, 120)
     torch.testing.assert_close(out["boxes"], torch.tensor([[12.0, 6.0, 60.0, 30.0]]))
     torch.testing.assert_close(out["area"], torch.tensor([1152.0]))
 

@@ -97,7 +97,9 @@ def test_same_labels_crops_and_flips_as_the_cpu_path_and_close_pixels(tmp_path, 
         assert decoded["images"].shape == (4, 3, 48, 48) and decoded["images"].dtype == torch.uint8
         assert torch.equal(decoded["labels"], theirs["labels"]) and not skipped
         diff = (decoded["images"].float() - theirs["images"].float()).abs().mean()
-        assert diff < 3, diff  # 0.8 measured: draft decoding + PIL vs full decode + torch
+        # 3.7 measured: the CPU path decodes at the reduced DCT scale and snaps the crop to whole
+        # decoded pixels (up to half a pixel at 1/2-1/8 scale); the device path crops full size
+        assert diff < 6, diff
 
 
 def _fingerprint(batch: dict) -> list:
