@@ -18,8 +18,12 @@ Contenders, each timed once per round over all images, one process, rounds inter
   ``tv2``: decode + torchvision ``transforms.v2`` DETR recipe (flip, random shortest side,
   normalise, with boxes);
 - limits: ``decode`` (PIL, full size), ``decode_draft`` (PIL at the DCT scale a 224 crop of
-  the whole image allows), coco ``decode_resize`` (decode + one bilinear resize to the recipe's
-  size).
+  the whole image allows), coco ``decode_resize`` (decode + one PIL bilinear resize to the
+  recipe's size) and ``decode_resize_torch`` (the same resize with torch's uint8 bilinear
+  kernel, the one the loader uses).
+
+One torch thread (``--threads``, default 1): a loader worker's share of a core, as the
+DataLoader sets it in its workers.
 
 Writes ``<out>/data_loader_<preset>.json``: per contender the median images/s and per-round
 rates, and the median of per-round ratios ours / peer.
@@ -40,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.classification import ClassificationDataConfig, build_classification_loader
@@ -164,6 +170,15 @@ def decode_resize_fn(data: bytes, _: dict, rng=random.Random(0)) -> Image.Image:
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
 
 
+def decode_resize_torch_fn(data: bytes, _: dict, rng=random.Random(0)) -> torch.Tensor:
+    image = _decoded(data)
+    scale = rng.choice(DETR_SCALES) / min(image.size)
+    scale = min(scale, 1333 / max(image.size))
+    chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    size = (round(image.height * scale), round(image.width * scale))
+    return F.interpolate(chw[None], size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 def per_image_rate(fn: Callable[[bytes, dict], object], samples: list) -> float:
     begin = time.perf_counter()
     for data, record in samples:
@@ -211,6 +226,7 @@ def contenders(name: str, preset: dict, root: Path, n: int, workers: int) -> dic
         runs["timm"] = lambda: per_image_rate(fn, samples)
     else:
         runs["decode_resize"] = lambda: per_image_rate(decode_resize_fn, samples)
+        runs["decode_resize_torch"] = lambda: per_image_rate(decode_resize_torch_fn, samples)
         fns = {"tv2": tv2_fn(), "hf": hf_fn()}
         for key, fn in fns.items():
             if fn is not None:
@@ -250,7 +266,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160, help="generated images (default 160)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--workers", type=int, default=0, help="also time N loader workers")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     for preset in sorted(PRESETS) if args.preset == "all" else [args.preset]:
         report_preset(preset, args)
 

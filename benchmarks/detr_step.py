@@ -201,7 +201,32 @@ def bench_models(spec: dict, device: torch.device, args) -> dict:
     if "hf" in rounds:
         ratios = [h["ms"] / o["ms"] for o, h in zip(rounds["ours"], rounds["hf"])]
         result["speedup_ours_over_hf"] = statistics.median(ratios)
+    result["ours"].update(step_utilisation(steps["ours"], result["ours"]["ms"], device, args))
     return result
+
+
+# Dense peak TFLOPS per device name fragment and autocast dtype (vendor datasheets; fp32 without
+# TF32): the denominator of the model FLOPs utilisation.
+PEAK_TFLOPS = {("H100", "bf16"): 989.0, ("H100", "fp32"): 67.0, ("H200", "bf16"): 989.0,
+               ("H200", "fp32"): 67.0, ("A100", "bf16"): 312.0, ("A100", "fp32"): 19.5}
+
+
+def step_utilisation(step: Callable[[], None], step_ms: float, device: torch.device, args) -> dict:
+    """FLOPs of one training step (forward + backward, counted by torch's FlopCounterMode:
+    matmuls and convolutions; grid_sample and element-wise ops count 0), the rate they ran at,
+    and, on a GPU of known peak (or ``--peak-tflops``), the model FLOPs utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    out = {"step_tflop": flops / 1e12, "achieved_tflops": flops / (step_ms / 1000) / 1e12}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = args.peak_tflops or next((v for (k, d), v in PEAK_TFLOPS.items() if k in name and d == args.dtype), None)
+    if peak:
+        out.update(peak_tflops=peak, mfu=out["achieved_tflops"] / peak)
+    return out
 
 
 def attention_inputs(spec: dict, device: torch.device, queries: int, dtype: torch.dtype):
@@ -301,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder-candidates", default="all",
                         help="'fast' skips the gather path at encoder sizes (slow on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak for the MFU (default: known GPUs by name)")
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                         help="'cpu': process CPU time (use with --threads 1 on a shared machine)")
     args = parser.parse_args(argv)
