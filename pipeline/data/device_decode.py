@@ -4,8 +4,8 @@ With ``ClassificationDataConfig.decode_on = "device"`` the loader workers do not
 read the JPEG header (the size), make the random crop and flip decisions with exactly the rng
 draws of :class:`~pipeline.data.transforms.ClassificationAugment` and pass on the raw bytes
 (:func:`jpeg_sample`). The stream, its resume position and every crop and flip are therefore
-those of the CPU path for the same seed; only the pixels differ slightly (the CPU path resamples
-a draft-decoded image with PIL). The trainer decodes a batch with one batched
+those of the CPU path for the same seed; only the pixels differ slightly (the CPU path decodes
+at the reduced DCT scale the crop allows and snaps the crop to whole decoded pixels). The trainer decodes a batch with one batched
 ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA; libjpeg on CPU, which the tests use), then
 crops, resizes (antialiased bilinear) and flips each image there (:func:`decode_batch_on`).
 
@@ -96,7 +96,7 @@ def decode_jpegs(jpegs: Sequence[Tensor], device: torch.device) -> list[Tensor |
 
 def crop_resize_flip(image: Tensor, box: Sequence[int], flip: bool, size: int) -> Tensor:
     """(3, H, W) uint8 -> the crop ``box`` (x0, y0, x1, y1) resized to (3, size, size), mirrored
-    if ``flip``: antialiased bilinear, as PIL's resize on the CPU path."""
+    if ``flip``: antialiased bilinear, the CPU path's kernel."""
     from torchvision.transforms.v2 import functional as tvf
 
     x0, y0, x1, y1 = (int(v) for v in box)

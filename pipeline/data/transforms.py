@@ -1,6 +1,6 @@
 """Joint image + target transforms (DETR's multi-scale recipe) and classification transforms.
 
-Plain PIL + torch, no torchvision. Every random transform takes an explicit ``random.Random``
+PIL decodes, torch resamples (its uint8 bilinear kernel), no torchvision. Every random transform takes an explicit ``random.Random``
 so that a sample's augmentation is a pure function of its seed (what makes loader resume exact).
 
 During augmentation a detection target holds ``boxes`` (n, 4) float xyxy in pixels of the
@@ -10,7 +10,7 @@ boxes (n, 4) cx, cy, w, h normalised to [0, 1].
 
 Images may arrive lazily opened (:func:`pipeline.data.decoding.open_image`): every transform
 decodes them once, at the reduced JPEG scale its crop allows (:func:`decode_region`), with one
-resampling per sample. Images cross the loader pipe as uint8 (a quarter of float32's bytes, no
+resampling per sample (:func:`resample_image`, which returns the (3, H, W) uint8 pixels). Images cross the loader pipe as uint8 (a quarter of float32's bytes, no
 per-pixel work in the workers); :func:`normalize_images` turns a batch into the model's input
 (float, ImageNet mean/std, padding 0) on the training device.
 """
