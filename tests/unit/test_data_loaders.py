@@ -16,6 +16,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.samples import make_samples
 from pipeline.data.shards import ShardInfo, read_tar, shard_name, write_shard_info, write_tar
 from pipeline.data.stream import partition_shards
+from tests.unit.loader_take import take_batches
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +45,7 @@ def _fingerprint(batch: dict) -> list:
 
 
 def _take(loader, count: int) -> list:
-    out = []
-    while len(out) < count:
-        for batch in loader:
-            out.append(_fingerprint(batch))
-            if len(out) == count:
-                break
-    return out
+    return take_batches(loader, count, _fingerprint)
 
 
 def test_fixed_steps_per_epoch(samples):

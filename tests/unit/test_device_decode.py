@@ -20,6 +20,7 @@ from pipeline.data.device_decode import decode_batch_on
 from pipeline.data.samples import make_samples
 from pipeline.data.shards import ShardInfo, read_tar, shard_name, write_shard_info, write_tar
 from pipeline.data.transforms import ClassificationAugment
+from tests.unit.loader_take import take_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,13 +109,7 @@ def _fingerprint(batch: dict) -> list:
 
 
 def _take(loader, count: int) -> list:
-    out = []
-    while len(out) < count:
-        for batch in loader:
-            out.append(_fingerprint(batch))
-            if len(out) == count:
-                break
-    return out
+    return take_batches(loader, count, _fingerprint)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
