@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import dist
+from pipeline.dist import exit_without_teardown
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.state import TrainState
@@ -95,3 +96,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # the work is saved; see pipeline.dist

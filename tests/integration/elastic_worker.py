@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint, dist
+from pipeline.dist import exit_without_teardown
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.state import TrainState
@@ -106,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # the work is saved; see pipeline.dist

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint, dist
+from pipeline.dist import exit_without_teardown
 from pipeline.engine.callbacks import (
     Callback,
     NonFiniteGuard,
@@ -198,3 +199,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # the work is saved; see pipeline.dist
