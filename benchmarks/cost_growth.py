@@ -33,10 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-from detr_step import CONFIGS, make_targets, ours_criterion, ours_model, step_fn
+from detr_step import CONFIGS, make_targets, ours_criterion, ours_model, step_fn, step_parser
 
 MAX_SIDE = 1333
 
@@ -151,11 +150,7 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for cost_growth.json/.md")
-    parser.add_argument("--config", default="r50", choices=sorted(CONFIGS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype")
+    parser = step_parser(__doc__.split("\n\n")[0], "cost_growth.json/.md")
     parser.add_argument("--batch", type=int, default=None, help="images per step (1 CPU, 2 CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (2 CPU, 10 CUDA)")
     parser.add_argument("--sides", default="512,640,800,800x1333",

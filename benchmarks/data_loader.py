@@ -163,20 +163,22 @@ def tv2_fn() -> Callable[[bytes, dict], object]:
     return run
 
 
+def detr_resized_size(image: Image.Image, rng: random.Random) -> tuple[int, int]:
+    """(width, height) of DETR's random shorter-side resize (longer side <= 1333)."""
+    scale = min(rng.choice(DETR_SCALES) / min(image.size), 1333 / max(image.size))
+    return round(image.width * scale), round(image.height * scale)
+
+
 def decode_resize_fn(data: bytes, _: dict, rng=random.Random(0)) -> Image.Image:
     image = _decoded(data)
-    scale = rng.choice(DETR_SCALES) / min(image.size)
-    scale = min(scale, 1333 / max(image.size))
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    return image.resize(detr_resized_size(image, rng), Image.BILINEAR)
 
 
 def decode_resize_torch_fn(data: bytes, _: dict, rng=random.Random(0)) -> torch.Tensor:
     image = _decoded(data)
-    scale = rng.choice(DETR_SCALES) / min(image.size)
-    scale = min(scale, 1333 / max(image.size))
+    width, height = detr_resized_size(image, rng)
     chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    size = (round(image.height * scale), round(image.width * scale))
-    return F.interpolate(chw[None], size=size, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(chw[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
 def per_image_rate(fn: Callable[[bytes, dict], object], samples: list) -> float:

@@ -308,12 +308,19 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for detr_step.json")
+def step_parser(description: str, outputs: str) -> argparse.ArgumentParser:
+    """The flags every step benchmark takes: where to write ``outputs``, which named config,
+    on which device, in which autocast dtype."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, type=Path, help=f"folder for {outputs}")
     parser.add_argument("--config", default="r50", choices=sorted(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype of the step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = step_parser(__doc__.split("\n\n")[0], "detr_step.json")
     parser.add_argument("--batch", type=int, default=None, help="override the config's batch size")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)

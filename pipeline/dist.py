@@ -8,11 +8,13 @@ initialised, so the same code runs under `python script.py` and under torchrun.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -353,9 +355,6 @@ def exit_without_teardown(code: int) -> None:
     machine, always after the last line of Python), and torchrun reports a stage that saved
     everything as failed.
     """
-    import logging
-    import sys
-
     shutdown()
     logging.shutdown()
     sys.stdout.flush()

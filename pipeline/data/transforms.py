@@ -1,7 +1,8 @@
 """Joint image + target transforms (DETR's multi-scale recipe) and classification transforms.
 
-PIL decodes, torch resamples (its uint8 bilinear kernel), no torchvision. Every random transform takes an explicit ``random.Random``
-so that a sample's augmentation is a pure function of its seed (what makes loader resume exact).
+PIL decodes, torch resamples (its uint8 bilinear kernel), no torchvision. Every random transform
+takes an explicit ``random.Random`` so that a sample's augmentation is a pure function of its seed
+(what makes loader resume exact).
 
 During augmentation a detection target holds ``boxes`` (n, 4) float xyxy in pixels of the
 current image, ``labels`` (n,) int64, optional ``masks`` (n, H, W) bool, and ``size`` (2,) int64
@@ -10,8 +11,8 @@ boxes (n, 4) cx, cy, w, h normalised to [0, 1].
 
 Images may arrive lazily opened (:func:`pipeline.data.decoding.open_image`): every transform
 decodes them once, at the reduced JPEG scale its crop allows (:func:`decode_region`), with one
-resampling per sample (:func:`resample_image`, which returns the (3, H, W) uint8 pixels). Images cross the loader pipe as uint8 (a quarter of float32's bytes, no
-per-pixel work in the workers); :func:`normalize_images` turns a batch into the model's input
+resampling per sample (:func:`resample_image`, which returns the (3, H, W) uint8 pixels). Images
+cross the loader pipe as uint8 (a quarter of float32's bytes, no per-pixel work in the workers); :func:`normalize_images` turns a batch into the model's input
 (float, ImageNet mean/std, padding 0) on the training device.
 """
 
@@ -320,9 +321,8 @@ class ClassificationAugment:
     def __call__(self, image: Image.Image, rng: random.Random) -> Tensor:
         """-> (3, size, size) uint8."""
         box, flip = self.draw(image.width, image.height, rng)
-        if flip:  # the same pixels as cropping ``box`` and mirroring the crop
-            box = (image.width - box[2], box[1], image.width - box[0], box[3])
-        return resample_image(image, box, self.size, self.size, flip)[0]
+        pixels = resample_image(image, box, self.size, self.size)[0]
+        return pixels.flip(-1) if flip else pixels
 
 
 @dataclass(frozen=True)

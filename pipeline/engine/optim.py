@@ -157,8 +157,7 @@ def build_optimizer(
     # defaults to it too. The per-tensor loop is kept for dtypes or devices it does not support.
     fused = all(_fused_supported(p) for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=False if not fused else None,
-                             fused=fused or None)
+                             weight_decay=cfg.weight_decay, foreach=False, fused=fused)
 
 
 def _fused_supported(param: torch.Tensor) -> bool:

@@ -17,7 +17,10 @@ Pairs are found by the names ResNet-family models use for a conv feeding a norm 
 ``conv{k}`` / ``bn{k}`` siblings (timm's ResNet stems and blocks) and consecutive
 ``Conv2d`` / ``FrozenBatchNorm2d`` children of an ``nn.Sequential`` (downsample branches). Only a
 plain ``nn.Conv2d`` and a norm with the ``FrozenBatchNorm2d`` buffers (torchvision's or timm's)
-are folded; anything else is left alone.
+and as many channels as the conv's output are folded; anything else is left alone. The names are
+trusted to mean "conv feeds norm": the forward's order is not inspected, so a model that names a
+pre-activation norm ``bn{k}`` beside a same-width ``conv{k}`` would be folded wrongly (timm's
+ResNet family, which the backbones use, names only conv-then-norm pairs so).
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def test_folding_twice_changes_nothing_and_unfrozen_norms_are_left_alone():
     assert fold_frozen_batch_norms(trainable) == 0
 
 
-def test_a_norm_not_fed_by_its_conv_is_not_folded():
-    class PreNorm(nn.Module):  # bn1 normalises the input, conv1 comes after: no pair to fold
+def test_a_conv_and_a_norm_of_other_widths_are_not_paired():
+    class PreNorm(nn.Module):  # bn1 normalises the 3-channel input; conv1 gives 4 channels
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
