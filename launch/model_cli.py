@@ -124,7 +124,9 @@ def cmd_predict(args) -> int:
 
 
 def _data_config(predictor, split: Path):
-    """The stage's data config (eval resize, batch size) pointed at split's shard folder."""
+    """The stage's data config (eval resize, batch size) pointed at split's shard folder, with no
+    training split: a folder named ``train`` is evaluated like any other (every image once, the
+    eval resize), not read as a shuffled, augmented training stream."""
     import dataclasses
 
     from pipeline.data.detection import DetectionDataConfig
@@ -132,7 +134,7 @@ def _data_config(predictor, split: Path):
     data = dict((predictor.meta.get("config") or {}).get("data") or {})
     fields = {f.name for f in dataclasses.fields(DetectionDataConfig)}
     data = {k: v for k, v in data.items() if k in fields}
-    return DetectionDataConfig(**{**data, "shards": str(split.parent)})
+    return DetectionDataConfig(**{**data, "shards": str(split.parent), "train_splits": []})
 
 
 def _split_loader(predictor, split: Path):

@@ -54,6 +54,32 @@ def test_eval_on_a_split_equals_the_stage_evaluation(tiny_export, samples, tmp_p
     assert report["metrics"] == evaluate(Harness(Predictor.from_export(tiny_export)))
 
 
+def test_eval_of_the_train_split_scores_every_image_once_without_augmentation(
+        tiny_export, samples, tmp_path, monkeypatch):
+    """A split folder named `train` is evaluated like any other: the stage's training stream
+    (shuffled, an epoch of whole batches, random resize) would score a random subset of images
+    at random scales, and two runs would differ."""
+    from pipeline.eval.coco import CocoEvaluator
+
+    scored: list[set[int]] = []
+    summarize = CocoEvaluator.summarize
+
+    def recording_summarize(self):
+        scored.append(set(self.records_by_image))
+        return summarize(self)
+
+    monkeypatch.setattr(CocoEvaluator, "summarize", recording_summarize)
+    split = samples / "detect" / "train"
+    reports = []
+    for name in ("a.json", "b.json"):
+        assert main(["eval", str(tiny_export), "--data", str(split), "--out", str(tmp_path / name)]) == 0
+        reports.append(json.loads((tmp_path / name).read_text())["metrics"])
+    from pipeline.data.shards import load_shard_info
+
+    assert scored[0] == scored[1] == {int(i) for i in range(1, load_shard_info(split).num_samples + 1)}
+    assert reports[0] == reports[1]
+
+
 def test_export_from_a_single_process_checkpoint(tiny_export, tmp_path):
     run = tmp_path / "pipe" / "detr"
     step = run / "checkpoints" / "step_4"
