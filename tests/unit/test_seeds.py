@@ -77,13 +77,17 @@ def test_an_instance_name_may_not_collide_with_another_stage(tmp_path):
 def test_the_convergence_pipeline_runs_each_variant_with_two_seeds():
     pipeline = load_pipeline(CONVERGENCE)
     groups = pipeline.groups()
-    assert set(groups) == {"deformable", "dino", "dino_varifocal", "dino_groups"}
-    for name, specs in groups.items():
+    assert set(groups) == {"backbone", "deformable", "dino", "dino_varifocal", "dino_groups"}
+    detectors = {name: specs for name, specs in groups.items() if name != "backbone"}
+    deformable_steps = detectors["deformable"][0].cfg.train.max_steps
+    for name, specs in detectors.items():
         assert [s.cfg.train.seed for s in specs] == [0, 1]
-        # the Deformable tiny recipe's 350 steps; every DINO variant gets 60% of them
-        assert {s.cfg.train.max_steps for s in specs} == {350 if name == "deformable" else 210}
+        # every DINO variant gets a complete schedule of 60% of the Deformable recipe's steps
+        expected = deformable_steps if name == "deformable" else int(0.6 * deformable_steps)
+        assert {s.cfg.train.max_steps for s in specs} == {expected}
         assert {s.cfg.data.batch_size for s in specs} == {4}
-        assert {s.cfg.train.eval_every for s in specs} == {50}
+        assert {s.cfg.train.eval_every for s in specs} == {100}
+        assert all(s.depends_on == ["backbone"] for s in specs)
     assert all(s.cfg.train.ema.enabled for s in groups["dino"])
     assert not any(s.cfg.train.ema.enabled for s in groups["deformable"])
 
