@@ -12,8 +12,9 @@ boxes (n, 4) cx, cy, w, h normalised to [0, 1].
 Images may arrive lazily opened (:func:`pipeline.data.decoding.open_image`): every transform
 decodes them once, at the reduced JPEG scale its crop allows (:func:`decode_region`), with one
 resampling per sample (:func:`resample_image`, which returns the (3, H, W) uint8 pixels). Images
-cross the loader pipe as uint8 (a quarter of float32's bytes, no per-pixel work in the workers); :func:`normalize_images` turns a batch into the model's input
-(float, ImageNet mean/std, padding 0) on the training device.
+cross the loader pipe as uint8 (a quarter of float32's bytes, no per-pixel work in the
+workers); :func:`normalize_images` turns a batch into the model's input (float, ImageNet
+mean/std, padding 0) on the training device.
 """
 
 from __future__ import annotations

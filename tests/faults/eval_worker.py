@@ -19,7 +19,6 @@ import torch
 
 from pipeline import dist
 from pipeline.data.detection import DetectionDataConfig, build_detection_loader
-from pipeline.dist import exit_without_teardown
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.strategy import StrategyConfig, build_strategy
 from pipeline.eval.detection import DetectionEvalConfig, coco_evaluate
@@ -80,4 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_without_teardown(0)  # the work is saved; see pipeline.dist
+    dist.exit_without_teardown(0)  # the work is saved; see pipeline.dist

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from pipeline import dist
-from pipeline.dist import exit_without_teardown
 from pipeline.engine.loop import fit
 from pipeline.engine.optim import OptimizerConfig
 from pipeline.engine.state import TrainState
@@ -96,4 +95,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_without_teardown(0)  # the work is saved; see pipeline.dist
+    dist.exit_without_teardown(0)  # the work is saved; see pipeline.dist
