@@ -120,9 +120,14 @@ def run_point(args, sweep: str, size: tuple[int, int], queries: int) -> dict:
     if args.no_flops:
         command.append("--no-flops")
     print(f"cost_growth: {sweep} {size[0]}x{size[1]}, {queries} queries ...", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.point_timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"cost_growth.py: point {size} x {queries} failed:\n{done.stderr[-4000:]}")
+    failed = {"height": size[0], "width": size[1], "queries": queries, "batch": args.batch}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.point_timeout)
+    except subprocess.TimeoutExpired:
+        return {**failed, "error": f"over --point-timeout {args.point_timeout} s"}
+    if done.returncode != 0:  # e.g. out of memory at the largest size: the other points still run
+        print(f"cost_growth: point {size} x {queries} failed:\n{done.stderr[-4000:]}", flush=True)
+        return {**failed, "error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -138,14 +143,19 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for point in report["points"]:
+        if "error" in point:
+            lines.append(f"| {point['sweep']} | {point['height']}x{point['width']} | {point['queries']} "
+                         f"| failed: {point['error']} | | | | |")
+            continue
         flops = "-" if point["fwd_gflops"] is None else f"{point['fwd_gflops']:.0f}"
         lines.append(
             f"| {point['sweep']} | {point['height']}x{point['width']} | {point['queries']} "
             f"| {point['pixels'] / 1e6:.2f} | {point['ms']:.0f} | {point['step_mem_mb']:.0f} "
             f"| {point['peak_mb']:.0f} | {flops} |")
-    first = report["points"][0]
-    lines += ["", f"Parameters: {first['params_m']:.1f} M ({first['trainable_params_m']:.1f} M "
-              "trainable; the stem and first stage of the ResNet are frozen)."]
+    first = next((p for p in report["points"] if "error" not in p), None)
+    if first:
+        lines += ["", f"Parameters: {first['params_m']:.1f} M ({first['trainable_params_m']:.1f} M "
+                  "trainable; the stem and first stage of the ResNet are frozen)."]
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,16 @@ timed in interleaved rounds and medians reported, so load changes on a shared ma
 alike. On CUDA, times come from CUDA events after warm-up and memory from
 ``max_memory_allocated``; on CPU, wall time only.
 
-Seen once on one H100 (torch 2.11, transformers 5.17, ``--config r50``: 2 images 800x1088, 10-15
-timed steps; before the fused Triton kernel existed, so without "ours_triton"):
+On CUDA, "ours" is the default dispatch (the fused Triton ``ms_deform_attn``) and "ours_pytorch"
+the same step with the pure PyTorch paths. ``--profile N`` adds a torch.profiler table.
+
+Seen on one H200 (torch 2.11, transformers 5.17, ``--config r50``; benchmarks/RESULTS.md): bf16
+step ours 102.6 ms / 5.08 GB, pure PyTorch attention 149.1 ms, HF 140.3 ms / 10.02 GB (1.38x);
+fp32 127.4 against HF 152.3 ms (1.26x); ms_deform_attn fwd+bwd at encoder sizes 2.8 ms against
+HF 13.9 ms, decoder sizes 1.1 against 2.1 ms.
+
+Seen once on one H100 before (2 images 800x1088, 10-15 timed steps; before the fused Triton
+kernel existed):
 
 - ms_deform_attn fwd+bwd, encoder sizes (18071 queries): ours 14.5 ms (canvas) / 15.2 ms
   (grid_sample), HF 15.3 ms, both ~2.08 GB peak; decoder sizes (300 queries): ours 2.1 ms
@@ -40,7 +48,7 @@ import torch
 
 from pipeline.engine.optim import OptimizerConfig, build_optimizer
 from pipeline.models import BackboneConfig, DetectorConfig, build_detector
-from pipeline.models.ops import ms_deform_attn
+from pipeline.models.ops import ms_deform_attn, ms_deform_attn_pytorch, register_kernel
 
 # named configs: detector sizes + input size; "r50" is the paper's Deformable DETR
 CONFIGS: dict[str, dict] = {
@@ -78,6 +86,15 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int,
     for _ in range(steps):
         fn()
     return {"ms": (now() - begin) * 1000 / steps, "peak_mem_mb": None}
+
+
+def first_call_failure(fn: Callable[[], None]) -> str | None:
+    """None if ``fn`` runs, else its error in one line (the benchmark records it and goes on)."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - any failure of one contender is reported, not fatal
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+    return None
 
 
 def autocast(device: torch.device, dtype: str):
@@ -183,6 +200,10 @@ def bench_models(spec: dict, device: torch.device, args) -> dict:
     steps = {"ours": step_fn(model, images, mask, targets, device, args.dtype, False,
                              ours_criterion(args.num_classes))}
     result = {"ours": {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}}
+    pure = pure_pytorch_step(model, images, mask, targets, device, args)
+    if pure is not None:
+        steps["ours_pytorch"] = pure
+        result["ours_pytorch"] = dict(result["ours"])
     try:
         peer = hf_model(spec, args.num_classes).to(device).train()
     except ImportError as error:
@@ -199,10 +220,73 @@ def bench_models(spec: dict, device: torch.device, args) -> dict:
         result[name]["ms_rounds"] = [t["ms"] for t in timings]
         result[name]["peak_mem_mb"] = max((t["peak_mem_mb"] or 0) for t in timings) or None
     if "hf" in rounds:
-        ratios = [h["ms"] / o["ms"] for o, h in zip(rounds["ours"], rounds["hf"])]
-        result["speedup_ours_over_hf"] = statistics.median(ratios)
+        for name in [k for k in rounds if k != "hf"]:
+            ratios = [h["ms"] / o["ms"] for o, h in zip(rounds[name], rounds["hf"])]
+            result[f"speedup_{name}_over_hf"] = statistics.median(ratios)
     result["ours"].update(step_utilisation(steps["ours"], result["ours"]["ms"], device, args))
+    if args.profile:
+        result["ours"]["profile"] = profile_step(steps["ours"], device, args.profile, args.out)
+    if "ours_pytorch" in result:  # same FLOPs, its own time
+        tflop = result["ours"]["step_tflop"]
+        achieved = tflop / (result["ours_pytorch"]["ms"] / 1000)
+        result["ours_pytorch"].update(step_tflop=tflop, achieved_tflops=achieved)
+        if "peak_tflops" in result["ours"]:
+            result["ours_pytorch"]["mfu"] = achieved / result["ours"]["peak_tflops"]
     return result
+
+
+def profile_step(step: Callable[[], None], device: torch.device, steps: int, out: Path) -> dict:
+    """torch.profiler over ``steps`` steps: the ops by self device time and by CPU time in
+    ``<out>/detr_step_profile.txt``; returns how busy the device was (kernel time / wall time)
+    and the host-device synchronisations per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=activities) as prof:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - begin) * 1000 / steps
+    averages = prof.key_averages()
+    device_ms = device_kernel_us(averages) / 1000 / steps
+    syncs = {e.key: e.count / steps for e in averages
+             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+                          "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")}
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [averages.table(sort_by=key, row_limit=45) for key in
+              (["self_device_time_total"] if device.type == "cuda" else []) + ["cpu_time_total"]]
+    (out / "detr_step_profile.txt").write_text("\n\n".join(tables))
+    return {"wall_ms": wall_ms, "device_busy_ms": device_ms, "device_busy": device_ms / wall_ms,
+            "per_step_counts": syncs}
+
+
+def device_kernel_us(averages) -> float:
+    """Microseconds the device ran kernels: its own events only, as the profiler's table sums
+    them (an op's row repeats the time of the kernels it launched)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages
+               if e.device_type not in (DeviceType.CPU,) and not getattr(e, "is_user_annotation", False))
+
+
+def pure_pytorch_step(model, images, mask, targets, device, args) -> Callable[[], None] | None:
+    """On CUDA, our step with ``ms_deform_attn`` kept on its pure PyTorch paths (the default
+    there is the fused Triton kernel): the same model, its own optimizer. None elsewhere."""
+    if device.type != "cuda":
+        return None
+    inner = step_fn(model, images, mask, targets, device, args.dtype, False, ours_criterion(args.num_classes))
+
+    def run() -> None:
+        register_kernel("cuda", ms_deform_attn_pytorch)
+        try:
+            inner()
+        finally:
+            register_kernel("cuda", None)
+
+    return run
 
 
 # Dense peak TFLOPS per device name fragment and autocast dtype (vendor datasheets; fp32 without
@@ -265,14 +349,26 @@ def hf_attention() -> Callable | None:
     return lambda value, spatial, locations, weights: hf.multi_scale_deformable_attention(value, spatial, locations, weights)
 
 
+ATTN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def bench_attention(spec: dict, device: torch.device, args) -> dict:
+    """fwd+bwd of every path at encoder and decoder sizes, per input dtype ("encoder" is fp32
+    inputs, "encoder_bf16" bf16 inputs, which ``ms_deform_attn`` computes in fp32)."""
+    result = {}
+    for name in args.attn_dtypes.split(","):
+        for role, entry in bench_attention_dtype(spec, device, args, ATTN_DTYPES[name]).items():
+            result[role if name == "fp32" else f"{role}_{name}"] = entry
+    return result
+
+
+def bench_attention_dtype(spec: dict, device: torch.device, args, dtype: torch.dtype) -> dict:
     result = {}
     for role, queries in (("encoder", None), ("decoder", spec["num_queries"])):
-        dtype = torch.float32
         probe = attention_inputs(spec, device, 1, dtype)
         queries = probe[0].shape[1] if queries is None else queries
         inputs = attention_inputs(spec, device, queries, dtype)
-        entry = {"queries": queries, "tokens": inputs[0].shape[1]}
+        entry = {"queries": queries, "tokens": inputs[0].shape[1], "dtype": str(dtype)}
         candidates = {
             "ours_gather": lambda *a: ms_deform_attn(*a, impl="gather"),
             "ours_grid_sample": lambda *a: ms_deform_attn(*a, impl="grid_sample"),
@@ -291,7 +387,11 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
         for name, op in candidates.items():
             def run(op=op, inputs=inputs):
                 op(*inputs).sum().backward()
-            runs[name] = run
+            failure = first_call_failure(run)
+            if failure:  # e.g. a kernel that does not compile here: recorded, the rest still timed
+                entry[name] = {"error": failure}
+            else:
+                runs[name] = run
         timings: dict[str, list[float]] = {name: [] for name in runs}
         for round_index in range(args.rounds):  # interleaved: load changes hit all alike
             for name, run in runs.items():
@@ -299,10 +399,10 @@ def bench_attention(spec: dict, device: torch.device, args) -> dict:
                 timings[name].append(timed(run, device, warmup, args.steps, args.clock)["ms"])
         for name, values in timings.items():
             entry[name] = {"ms": statistics.median(values), "ms_rounds": values}
-        if peer is None:
+        if peer is None or "hf" not in runs:
             entry["peer_note"] = "transformers not installed; pip install transformers to compare"
         else:
-            for name in [k for k in candidates if k != "hf"]:
+            for name in [k for k in runs if k != "hf"]:
                 entry[f"time_ratio_{name}_over_hf"] = entry[name]["ms"] / entry["hf"]["ms"]
         result[role] = entry
     return result
@@ -330,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--skip-model", action="store_true", help="only time ms_deform_attn")
     parser.add_argument("--skip-attention", action="store_true", help="only time the step")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile our step over STEPS steps (detr_step_profile.txt)")
+    parser.add_argument("--attn-dtypes", default="fp32",
+                        help="input dtypes of the ms_deform_attn timing, comma-separated: fp32,bf16")
     parser.add_argument("--encoder-candidates", default="all",
                         help="'fast' skips the gather path at encoder sizes (slow on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

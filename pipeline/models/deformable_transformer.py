@@ -260,8 +260,12 @@ class DeformableTransformer(nn.Module):
 
     def flatten_levels(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
         """Per-level (B, C, h, w) maps -> (B, S, C) tokens, (B, S) mask, (B, S, C) pos + level
-        embedding, spatial_shapes int64 (L, 2), valid_ratios (B, L, 2)."""
-        shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
+        embedding, spatial_shapes int64 (L, 2) on the CPU, valid_ratios (B, L, 2).
+
+        The shapes stay on the host: every layer reads them as Python ints (``tolist``, the
+        token-count check), and a copy on the GPU made each of those reads a host-device
+        synchronisation (14 per R50 step), which stalled the CPU that launches the kernels."""
+        shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long)
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
         pos_flat = torch.cat(
@@ -317,8 +321,10 @@ class DeformableTransformer(nn.Module):
         if self.mixed_selection:
             groups = self.query_groups if self.training else 1
             reference = coords.sigmoid().repeat(1, groups, 1)
-            rows = torch.cat([torch.arange(topk) + g * self.two_stage_num_proposals for g in range(groups)])
-            tgt = self.tgt_embed.weight[rows.to(memory.device)].unsqueeze(0).expand(memory.shape[0], -1, -1)
+            # made on the device: a host tensor's copy there synchronised every forward
+            rows = torch.cat([torch.arange(topk, device=memory.device) + g * self.two_stage_num_proposals
+                              for g in range(groups)])
+            tgt = self.tgt_embed.weight[rows].unsqueeze(0).expand(memory.shape[0], -1, -1)
             return None, tgt, reference, enc
         pos_trans = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))
         query_pos, tgt = torch.split(pos_trans, self.d_model, dim=2)

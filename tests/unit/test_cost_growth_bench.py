@@ -45,6 +45,16 @@ def test_cost_growth_tiny(tmp_path):
     assert table.count("\n| size |") == 2 and table.count("\n| queries |") == 2
 
 
+def test_cost_growth_records_a_failed_point_and_goes_on(tmp_path):
+    # one second is too short for any point's interpreter to start: each is recorded as failed
+    run_script("cost_growth.py", "--out", str(tmp_path), "--config", "tiny", "--device", "cpu",
+               "--sides", "64", "--queries", "10", "--query-side", "64", "--steps", "1",
+               "--point-timeout", "1")
+    report = json.loads((tmp_path / "cost_growth.json").read_text())
+    assert [p["error"] for p in report["points"]] == ["over --point-timeout 1 s"] * 2
+    assert (tmp_path / "cost_growth.md").read_text().count("failed: over --point-timeout") == 2
+
+
 @pytest.mark.dist
 def test_zero_memory_detector_tiny(tmp_path):
     run_script("zero_memory.py", "--out", str(tmp_path), "--model", "detector", "--config", "tiny",

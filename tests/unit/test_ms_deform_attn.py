@@ -1,18 +1,26 @@
-"""ms_deform_attn: every implementation equals a naive per-sample bilinear loop."""
+"""ms_deform_attn: every implementation equals a naive per-sample bilinear loop; the dispatch
+picks the fused kernel on CUDA; the transformer hands it host-side level shapes."""
 
 from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from pipeline.models import BackboneConfig, DetectorConfig, build_detector
 from pipeline.models.ops import (
     MSDeformAttn,
     MSDeformAttnInputError,
     ms_deform_attn,
+    ms_deform_attn_pytorch,
     register_kernel,
 )
 
 IMPLS = ["grid_sample", "gather", "canvas"]
+# the module, not the function of the same name that the package exports
+ops = importlib.import_module("pipeline.models.ops.ms_deform_attn")
 SHAPES = torch.tensor([[5, 6], [3, 4], [2, 1]])
 
 
@@ -172,3 +180,50 @@ def test_triton_kernel_matches_reference_on_gpu():
         grads[impl] = (out, *torch.autograd.grad((out * probe).sum(), leaves))
     for got, expected in zip(grads["triton"], grads["grid_sample"]):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _stub(device_type: str, shape: tuple[int, ...]) -> SimpleNamespace:
+    """What the dispatcher reads of a tensor: its device type and shape (no CUDA needed)."""
+    return SimpleNamespace(device=SimpleNamespace(type=device_type), shape=shape)
+
+
+def test_cuda_default_is_the_fused_kernel_when_triton_imports(monkeypatch):
+    def fused(*args):
+        raise AssertionError("only picked, never called")
+
+    value, decoder = _stub("cuda", (2, 100, 8, 32)), _stub("cuda", (2, 50, 8, 4, 4, 2))
+    monkeypatch.setattr(ops, "_TRITON", [fused])
+    assert ops._default_kernel(value, decoder, torch.float32) is fused
+    # float64 is computed in float64, which the kernel does not do; the CPU never gets it
+    assert ops._default_kernel(value, decoder, torch.float64) is ops.ms_deform_attn_grid_sample
+    assert ops._default_kernel(_stub("cpu", (2, 100, 8, 32)), decoder, torch.float32) is ops.ms_deform_attn_grid_sample
+    monkeypatch.setattr(ops, "_TRITON", [None])  # no triton: the measured pure PyTorch pick
+    assert ops._default_kernel(value, decoder, torch.float32) is ops.ms_deform_attn_grid_sample
+    encoder = _stub("cuda", (2, 100, 8, 4, 4, 2))
+    assert ops._default_kernel(value, encoder, torch.float32) is ops.ms_deform_attn_canvas
+
+
+def test_a_registered_kernel_wins_and_pytorch_opts_out_of_the_fused_one(monkeypatch):
+    monkeypatch.setattr(ops, "_TRITON", [lambda *args: None])
+    value, decoder = _stub("cuda", (2, 100, 8, 32)), _stub("cuda", (2, 50, 8, 4, 4, 2))
+    register_kernel("cuda", ms_deform_attn_pytorch)
+    try:
+        assert ops._default_kernel(value, decoder, torch.float32) is ms_deform_attn_pytorch
+    finally:
+        register_kernel("cuda", None)
+    torch.manual_seed(0)
+    tokens = int(SHAPES.prod(1).sum())
+    inputs = (torch.randn(1, tokens, 2, 4), SHAPES, torch.rand(1, 7, 2, 3, 2, 2), torch.rand(1, 7, 2, 3, 2))
+    torch.testing.assert_close(ms_deform_attn_pytorch(*inputs), ms_deform_attn(*inputs, impl="grid_sample"))
+
+
+def test_the_transformer_keeps_level_shapes_on_the_host():
+    """Shapes on the device made every layer's read of them a host-device synchronisation."""
+    cfg = DetectorConfig(kind="deformable", num_classes=3, num_queries=5, hidden_dim=16, num_feature_levels=2,
+                         enc_layers=1, dec_layers=1, nheads=2, enc_n_points=2, dec_n_points=2,
+                         dim_feedforward=32, backbone=BackboneConfig(name="resnet10t", out_strides=[16, 32]))
+    transformer = build_detector(cfg).transformer.to("meta")
+    srcs = [torch.zeros(2, 16, 6, 8, device="meta"), torch.zeros(2, 16, 3, 4, device="meta")]
+    masks = [torch.zeros(2, 6, 8, dtype=torch.bool, device="meta"), torch.zeros(2, 3, 4, dtype=torch.bool, device="meta")]
+    _, _, _, shapes, _ = transformer.flatten_levels(srcs, masks, [s.clone() for s in srcs])
+    assert shapes.device.type == "cpu" and shapes.tolist() == [[6, 8], [3, 4]]

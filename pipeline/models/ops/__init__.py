@@ -1,6 +1,7 @@
 """Custom ops of the detectors: multi-scale deformable attention.
 
-The fused Triton kernel lives in ``ms_deform_attn_triton`` (imported on demand: it needs triton).
+The fused Triton kernel lives in ``ms_deform_attn_triton`` (imported on first CUDA use: it needs
+triton); ``ms_deform_attn`` picks it for CUDA tensors, the pure PyTorch paths elsewhere.
 """
 
 from pipeline.models.ops.ms_deform_attn import (
@@ -9,6 +10,7 @@ from pipeline.models.ops.ms_deform_attn import (
     ms_deform_attn_canvas,
     ms_deform_attn_gather,
     ms_deform_attn_grid_sample,
+    ms_deform_attn_pytorch,
     register_kernel,
 )
 from pipeline.models.ops.ms_deform_attn_module import MSDeformAttn
@@ -20,5 +22,6 @@ __all__ = [
     "ms_deform_attn_canvas",
     "ms_deform_attn_gather",
     "ms_deform_attn_grid_sample",
+    "ms_deform_attn_pytorch",
     "register_kernel",
 ]

@@ -97,7 +97,7 @@ def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes
     """
     if reference_points.shape[-1] == 2:
         # (w, h) per level so that one offset unit is one pixel of that level
-        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+        normalizer = spatial_shapes.flip(-1).to(offsets.device, offsets.dtype, non_blocking=True)
         return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     if reference_points.shape[-1] == 4:
         centre = reference_points[:, :, None, :, None, :2]

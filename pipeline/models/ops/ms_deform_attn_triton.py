@@ -7,11 +7,10 @@ recomputes the corners, scatters value gradients with atomic adds of whole D row
 unlike grid_sample's per-channel atomics) and reduces the location and weight gradients in
 registers. fp32 only; ``ms_deform_attn`` casts half precision to fp32 before calling it.
 
-Opt-in: ``ms_deform_attn(..., impl="triton")`` or ``register_kernel("cuda", ms_deform_attn_triton)``.
-Values and gradients (value, locations, weights) were checked against the grid_sample reference
-with Triton's interpreter (``TRITON_INTERPRET=1``) on CPU; the gpu-marked test in
-``tests/unit/test_ms_deform_attn.py`` checks the compiled kernel, and ``benchmarks/detr_step.py``
-times it ("ours_triton").
+``ms_deform_attn`` picks it for CUDA tensors whenever triton imports. Values and gradients (value,
+locations, weights) were checked against the grid_sample reference with Triton's interpreter
+(``TRITON_INTERPRET=1``) on CPU and compiled on an H200 (the gpu-marked test in
+``tests/unit/test_ms_deform_attn.py``); ``benchmarks/detr_step.py`` times it ("ours_triton").
 """
 
 from __future__ import annotations
@@ -136,8 +135,11 @@ def _backward_kernel(
 def _launch_args(value: Tensor, spatial_shapes: Tensor, locations: Tensor):
     batch, tokens, heads, channels = value.shape
     _, queries, _, levels, points, _ = locations.shape
-    shapes = spatial_shapes.to(device=value.device, dtype=torch.int32).contiguous()
+    # computed where the shapes live (the host, from the transformer) and copied without a sync
+    shapes = spatial_shapes.to(torch.int32)
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1].to(torch.int32)])
+    shapes = shapes.to(value.device, non_blocking=True).contiguous()
+    starts = starts.to(value.device, non_blocking=True)
     grid = (triton.cdiv(queries, BLOCK_Q), batch * heads)
     meta = dict(H=heads, D=channels, L=levels, P=points, BLOCK_Q=BLOCK_Q, BLOCK_D=triton.next_power_of_2(channels))
     return shapes, starts, grid, meta, tokens, queries
