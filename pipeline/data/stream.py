@@ -20,7 +20,7 @@ the uninterrupted loader would have yielded after the batches already consumed. 
 replays the raw tar bytes of the consumed part of the epoch (cheap: no JPEG decoding, no
 augmentation) and skips them; the state is a few integers per stream. A checkpoint of another
 world size (``train.elastic_resume``) keeps the epoch and the fraction of it consumed, not the
-batches: see :func:`resharded_position`.
+batches: see :func:`pipeline.data.stream_elastic.resharded_position`.
 
 Bad samples (corrupt JPEG, unreadable JSON, truncated tar, ...) are skipped and counted by reason
 in ``loader.skipped``; they never stop training. If a stream reads many shards in a row without
@@ -35,15 +35,16 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.categories import CategoryMap
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.shards import ShardInfo
+from pipeline.data.stream_elastic import ELASTIC_KEYS, resharded_position
 from pipeline.data.workers import ErrorCounter, NumpyTransfer, make_data_loader, pin_images
 
 # decode(raw sample {"__key__", "jpg", ...}, rng or None, annotation-level drop counter) -> item
@@ -120,27 +121,40 @@ def _fill_counts_as_progress(samples: Iterator[dict], guard: _EmptyGuard, fill: 
 
 
 class TrainStream(IterableDataset):
-    """The batches of one epoch's streams (an IterableDataset for torch's DataLoader)."""
+    """The batches of an epoch's streams (an IterableDataset for torch's DataLoader).
+
+    The first pass plays ``plan`` (its epoch, from its positions); each later pass over the same
+    object, as persistent workers make them, plays the next epoch from its start."""
 
     def __init__(self, plan: StreamPlan, decode: Decoder, collate: Collate) -> None:
         super().__init__()
         self.plan, self.decode, self.collate = plan, decode, collate
+        self.passes = 0  # in this process: a worker counts its own passes
+
+    def next_plan(self) -> StreamPlan:
+        plan = self.plan
+        if self.passes:
+            plan = replace(plan, epoch=plan.epoch + self.passes,
+                           start_positions=(0,) * plan.num_streams, stream_offset=0)
+        self.passes += 1
+        return plan
 
     def __iter__(self) -> Iterator[dict]:
-        plan, info = self.plan, torch.utils.data.get_worker_info()
+        plan, info = self.next_plan(), torch.utils.data.get_worker_info()
         if info is not None:
-            for item in self._batches((info.id + plan.stream_offset) % plan.num_streams):
+            for item in self._batches(plan, (info.id + plan.stream_offset) % plan.num_streams):
                 yield dict(item, batch=NumpyTransfer.pack(item["batch"]))
             return
         # In-process: interleave the streams exactly as DataLoader workers would be.
         order = [(plan.stream_offset + j) % plan.num_streams for j in range(plan.num_streams)]
-        streams = [self._batches(s) for s in order]
+        streams = [self._batches(plan, s) for s in order]
         while True:
             for stream in streams:
                 yield next(stream)
 
-    def _raw_samples(self, stream: int, guard: _EmptyGuard, errors: ErrorCounter) -> Iterator[dict]:
-        plan = self.plan
+    @staticmethod
+    def _raw_samples(plan: StreamPlan, stream: int, guard: _EmptyGuard,
+                     errors: ErrorCounter) -> Iterator[dict]:
         shards = partition_shards(plan.shards, plan.rank, plan.world_size, stream, plan.num_streams)
         shard_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 0))
         shuffle_rng = random.Random(mix_seed(plan.seed, plan.epoch, plan.rank, stream, 1))
@@ -154,11 +168,10 @@ class TrainStream(IterableDataset):
             )
         return samples
 
-    def _batches(self, stream: int) -> Iterator[dict]:
-        plan = self.plan
+    def _batches(self, plan: StreamPlan, stream: int) -> Iterator[dict]:
         guard, errors = _EmptyGuard(plan.shards), ErrorCounter()
         batch, skipped = [], Counter()
-        for position, raw in enumerate(self._raw_samples(stream, guard, errors), start=1):
+        for position, raw in enumerate(self._raw_samples(plan, stream, guard, errors), start=1):
             read_errors = errors.drain()
             if position <= plan.start_positions[stream]:
                 guard.since_last_sample = 0  # replaying a consumed part is progress too
@@ -246,6 +259,9 @@ class TrainLoader(LoaderBase):
         self.num_streams = max(1, num_workers)
         self.epoch, self.batches_in_epoch = 0, 0
         self.positions = [0] * self.num_streams
+        # Workers kept from one epoch to the next, and the epoch they play when iterated next.
+        self._workers: DataLoader | None = None
+        self._workers_epoch = -1
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -272,8 +288,8 @@ class TrainLoader(LoaderBase):
     def __iter__(self) -> Iterator:
         self._roll_epoch_if_done()
         remaining = self.steps_per_epoch - self.batches_in_epoch
-        stream = TrainStream(self._plan(), self.decode, self.collate)
-        batches = iter(make_data_loader(stream, self.num_workers))
+        batches = self._epoch_batches()
+        finished = False
         try:
             for _ in range(remaining):
                 item = next(batches)
@@ -282,9 +298,32 @@ class TrainLoader(LoaderBase):
                 self.batches_in_epoch += 1
                 self.skipped.update(item["skipped"])
                 yield pin_images(NumpyTransfer.unpack(item["batch"]))
+            finished = True
         finally:
-            del batches  # shuts the workers down now, also when the consumer stops early
+            del batches
+            if not finished:  # stopped mid-epoch: the workers are ahead of the position
+                self.close()
         self._roll_epoch_if_done()
+
+    def _epoch_batches(self) -> Iterator[dict]:
+        """The current epoch's batches, from the workers of the previous epoch when it was read
+        to its end (they go on with the next epoch), else from new workers that start at the
+        saved position.
+
+        Workers outlive an epoch because a forked worker makes the trainer copy every memory
+        page it writes afterwards: 1-2 s at the start of every epoch of the tiny detector on
+        2 CPU cores, about what 5 steps cost."""
+        if self._workers is None or self._workers_epoch != self.epoch or self.batches_in_epoch:
+            self.close()
+            stream = TrainStream(self._plan(), self.decode, self.collate)
+            self._workers = make_data_loader(stream, self.num_workers, persistent=True)
+            self._workers_epoch = self.epoch
+        self._workers_epoch += 1
+        return iter(self._workers)
+
+    def close(self) -> None:
+        """Stop the workers (the next iteration starts new ones at the current position)."""
+        self._workers, self._workers_epoch = None, -1
 
     def state_dict(self) -> dict:
         """The data position: plain ints and strings (JSON- and torch.save-friendly)."""
@@ -316,6 +355,7 @@ class TrainLoader(LoaderBase):
                 f"({ {k: theirs.get(k) for k in changed} } -> { {k: mine[k] for k in changed} }); "
                 "resume with the same data settings, or start the stage afresh"
             )
+        self.close()
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
         self.positions = [int(p) for p in state["positions"]]
         self.skipped = Counter(state.get("skipped", {}))
@@ -335,49 +375,3 @@ class TrainLoader(LoaderBase):
                 )
         self.load_state_dict(resharded_position(
             saved, rank=self.rank, world_size=self.world_size, fingerprint=mine))
-
-
-# What may differ between a checkpoint's data position and the run that resumes it elastically.
-ELASTIC_KEYS = ("world_size", "steps_per_epoch")
-
-
-def resharded_position(saved: Sequence[dict], *, rank: int, world_size: int,
-                       fingerprint: dict) -> dict:
-    """The state of rank ``rank`` of ``world_size`` ranks continuing the epoch that ``saved``
-    (the states of every rank of the old world, equal in epoch and batch count) were in.
-
-    A rank's streams are functions of (seed, epoch, rank, world size), so the old per-stream
-    positions mean nothing to the new ranks; what carries over is the epoch and the fraction of
-    it already consumed. The old ranks had consumed ``b`` of ``S`` batches; each new rank
-    continues at batch ``b' = ceil(b * S' / S)`` of its ``S'`` (``fingerprint``'s
-    steps_per_epoch), its streams fast-forwarded past the raw samples ``b'`` batches take
-    when none is bad. Guaranteed: the epoch, and with it the seeds of its shard draws and
-    shuffles, is kept; the part of the epoch still to read is never longer than at the save
-    (rounding up, it may be shorter by less than one batch per rank), so the fractions of
-    epoch ``e`` read before and after the resume add up to at most one; from the next epoch
-    on, every batch is the one an uninterrupted run with ``world_size`` ranks reads.
-    Not guaranteed: which samples the rest of the epoch holds. The new streams are other draws
-    from the ranks' new shard parts (with replacement, as every epoch's are), so a sample read
-    before the resume may come again in the same epoch, as it may in any epoch. Skip counts
-    are kept in total: new rank ``r`` takes those of the old ranks ``i`` with
-    ``i % world_size == r``.
-    """
-    epochs = {(int(s["epoch"]), int(s["batches_in_epoch"])) for s in saved}
-    if len(epochs) != 1:
-        raise DataError(f"the checkpoint's ranks disagree on the data position {sorted(epochs)}")
-    (epoch, consumed), = epochs
-    old_steps, new_steps = int(saved[0]["fingerprint"]["steps_per_epoch"]), int(
-        fingerprint["steps_per_epoch"])
-    batches = min(new_steps, -(-consumed * new_steps // old_steps))
-    streams, batch_size = int(fingerprint["num_streams"]), int(fingerprint["batch_size"])
-    skipped = Counter()
-    for old_rank in range(rank, len(saved), world_size):
-        skipped.update(saved[old_rank].get("skipped", {}))
-    return {
-        "epoch": epoch,
-        "batches_in_epoch": batches,
-        # Batch g of an epoch comes from stream g % streams (round-robin, see the module doc).
-        "positions": [len(range(s, batches, streams)) * batch_size for s in range(streams)],
-        "skipped": dict(skipped),
-        "fingerprint": fingerprint,
-    }

@@ -74,12 +74,13 @@ def pin_images(batch):
     return batch
 
 
-def make_data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+def make_data_loader(dataset: IterableDataset, num_workers: int, persistent: bool = False) -> DataLoader:
     """A DataLoader over an iterable of ready batches, with forked workers where possible.
 
-    Workers start afresh every epoch (the epoch is part of what they compute). Forking makes
-    that cheap; processes started by ``multiprocessing.spawn`` would otherwise spawn their
-    workers too, re-importing torch each epoch (seconds per epoch).
+    Forked, because processes started by ``multiprocessing.spawn`` would otherwise spawn their
+    workers too, re-importing torch for every new set of workers (seconds). ``persistent``:
+    the workers stay for the next ``iter`` (the training stream's next epoch), where each
+    ``iter`` calls the dataset's ``__iter__`` again in every worker.
     """
     if num_workers == 0:
         return DataLoader(dataset, batch_size=None)
@@ -90,6 +91,7 @@ def make_data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
         batch_size=None,
         num_workers=num_workers,
         prefetch_factor=2,
+        persistent_workers=persistent,
         multiprocessing_context=context,
         worker_init_fn=_worker_init,
     )

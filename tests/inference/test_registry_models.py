@@ -84,6 +84,17 @@ def test_old_plain_artifact_versions_still_resolve(registry, tiny_export, tmp_pa
     assert (new / "meta.json").is_file() and (new.parent.parent / "MLmodel").is_file()
 
 
+def test_a_version_names_the_packages_it_needs_pinned(registry, tmp_path):
+    """MLflow's own inference listed only mlflow and cloudpickle (and cost 6 s a registration)."""
+    from importlib.metadata import version
+
+    model = resolve_model_uri("models:/tiny.detr@production", registry["uri"], tmp_path / "m").parent.parent
+    requirements = (model / "requirements.txt").read_text().split()
+    for name in ("torch", "timm", "mlflow", "safetensors"):
+        assert f"{name}=={version(name)}" in requirements, (name, requirements)
+    assert any(line.startswith("detrforge") for line in requirements)
+
+
 def test_unknown_model_and_unset_alias_are_one_line_errors(registry, tmp_path, capsys):
     with pytest.raises(RegistryError, match="has no alias 'staging'"):
         resolve_model_uri("models:/tiny.detr@staging", registry["uri"], tmp_path)

@@ -19,7 +19,7 @@ from pipeline.config import config_hash, dump_yaml
 from pipeline.data.detection import DetectionDataConfig, build_detection_loader
 from pipeline.data.errors import DataError
 from pipeline.data.samples import make_samples
-from pipeline.data.stream import resharded_position
+from pipeline.data.stream_elastic import resharded_position
 from pipeline.dist import DistEnv
 from pipeline.engine.optim import OptimizerConfig, build_scheduler
 from pipeline.engine.state import TrainState

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,35 @@ def test_resume_gives_the_batches_of_the_uninterrupted_run(samples, num_workers,
     assert head + _take(resumed, 7 - consumed) == expected
     other_seed = _take(build_detection_loader(cfg, "train", seed=4), 3)
     assert other_seed != expected[:3]
+
+
+def test_workers_outlive_an_epoch_read_to_its_end(samples):
+    """A new fork per epoch made the trainer copy every page it wrote afterwards (1-2 s)."""
+    cfg = _detect_cfg(samples / "detect", steps_per_epoch=3, num_workers=2)
+    loader = build_detection_loader(cfg, "train", seed=5)
+    workers = []
+    for _ in range(3):
+        for index, _batch in enumerate(loader):
+            if index == 1:
+                workers.append(sorted(p.pid for p in multiprocessing.active_children()))
+    assert len(workers[0]) == 2 and workers[0] == workers[1] == workers[2]
+    fresh = build_detection_loader(cfg, "train", seed=5)  # the same batches as new workers give
+    assert _take(fresh, 9)[6:] == [_fingerprint(b) for b in _epoch_of(cfg, epoch=2)]
+
+
+def _epoch_of(cfg, epoch: int) -> list:
+    loader = build_detection_loader(cfg, "train", seed=5)
+    loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
+    return list(loader)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_consumer_that_stops_mid_epoch_continues_where_it_stopped(samples, num_workers):
+    cfg = _detect_cfg(samples / "detect", steps_per_epoch=4, num_workers=num_workers)
+    expected = _take(build_detection_loader(cfg, "train", seed=3), 9)
+    loader = build_detection_loader(cfg, "train", seed=3)
+    pieces = _take(loader, 3) + _take(loader, 2) + _take(loader, 4)  # breaks inside epochs 1 and 2
+    assert pieces == expected
 
 
 def test_worker_count_does_not_change_a_stream_with_one_worker(samples):
