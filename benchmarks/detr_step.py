@@ -223,22 +223,18 @@ def bench_models(spec: dict, device: torch.device, args) -> dict:
         for name in [k for k in rounds if k != "hf"]:
             ratios = [h["ms"] / o["ms"] for o, h in zip(rounds[name], rounds["hf"])]
             result[f"speedup_{name}_over_hf"] = statistics.median(ratios)
-    result["ours"].update(step_utilisation(steps["ours"], result["ours"]["ms"], device, args))
+    tflop = step_tflop(steps["ours"])  # the same model, so the same FLOPs for every "ours"
+    for name in [k for k in steps if k.startswith("ours")]:
+        result[name].update(utilisation(tflop, result[name]["ms"], device, args))
     if args.profile:
         result["ours"]["profile"] = profile_step(steps["ours"], device, args.profile, args.out)
-    if "ours_pytorch" in result:  # same FLOPs, its own time
-        tflop = result["ours"]["step_tflop"]
-        achieved = tflop / (result["ours_pytorch"]["ms"] / 1000)
-        result["ours_pytorch"].update(step_tflop=tflop, achieved_tflops=achieved)
-        if "peak_tflops" in result["ours"]:
-            result["ours_pytorch"]["mfu"] = achieved / result["ours"]["peak_tflops"]
     return result
 
 
 def profile_step(step: Callable[[], None], device: torch.device, steps: int, out: Path) -> dict:
     """torch.profiler over ``steps`` steps: the ops by self device time and by CPU time in
     ``<out>/detr_step_profile.txt``; returns how busy the device was (kernel time / wall time)
-    and the host-device synchronisations per step."""
+    and, per step, the host-device synchronisations, copies and kernel launches."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -252,15 +248,15 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int, out
         wall_ms = (time.perf_counter() - begin) * 1000 / steps
     averages = prof.key_averages()
     device_ms = device_kernel_us(averages) / 1000 / steps
-    syncs = {e.key: e.count / steps for e in averages
-             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
-                          "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")}
+    counts = {e.key: e.count / steps for e in averages
+              if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+                           "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")}
     out.mkdir(parents=True, exist_ok=True)
     tables = [averages.table(sort_by=key, row_limit=45) for key in
               (["self_device_time_total"] if device.type == "cuda" else []) + ["cpu_time_total"]]
     (out / "detr_step_profile.txt").write_text("\n\n".join(tables))
     return {"wall_ms": wall_ms, "device_busy_ms": device_ms, "device_busy": device_ms / wall_ms,
-            "per_step_counts": syncs}
+            "per_step_counts": counts}
 
 
 def device_kernel_us(averages) -> float:
@@ -295,17 +291,21 @@ PEAK_TFLOPS = {("H100", "bf16"): 989.0, ("H100", "fp32"): 67.0, ("H200", "bf16")
                ("H200", "fp32"): 67.0, ("A100", "bf16"): 312.0, ("A100", "fp32"): 19.5}
 
 
-def step_utilisation(step: Callable[[], None], step_ms: float, device: torch.device, args) -> dict:
-    """FLOPs of one training step (forward + backward, counted by torch's FlopCounterMode:
-    matmuls and convolutions; grid_sample and element-wise ops count 0), the rate they ran at,
-    and, on a GPU of known peak (or ``--peak-tflops``), the model FLOPs utilisation."""
+def step_tflop(step: Callable[[], None]) -> float:
+    """TFLOP of one training step (forward + backward, counted by torch's FlopCounterMode:
+    matmuls and convolutions; grid_sample and element-wise ops count 0)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    flops = counter.get_total_flops()
-    out = {"step_tflop": flops / 1e12, "achieved_tflops": flops / (step_ms / 1000) / 1e12}
+    return counter.get_total_flops() / 1e12
+
+
+def utilisation(tflop: float, step_ms: float, device: torch.device, args) -> dict:
+    """The rate a step of ``tflop`` ran at and, on a GPU of known peak (or ``--peak-tflops``),
+    the model FLOPs utilisation."""
+    out = {"step_tflop": tflop, "achieved_tflops": tflop / (step_ms / 1000)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = args.peak_tflops or next((v for (k, d), v in PEAK_TFLOPS.items() if k in name and d == args.dtype), None)
     if peak:
@@ -399,9 +399,9 @@ def bench_attention_dtype(spec: dict, device: torch.device, args, dtype: torch.d
                 timings[name].append(timed(run, device, warmup, args.steps, args.clock)["ms"])
         for name, values in timings.items():
             entry[name] = {"ms": statistics.median(values), "ms_rounds": values}
-        if peer is None or "hf" not in runs:
+        if peer is None:
             entry["peer_note"] = "transformers not installed; pip install transformers to compare"
-        else:
+        elif "hf" in runs:  # else its first call failed, and entry["hf"] says why
             for name in [k for k in runs if k != "hf"]:
                 entry[f"time_ratio_{name}_over_hf"] = entry[name]["ms"] / entry["hf"]["ms"]
         result[role] = entry

@@ -7,7 +7,7 @@
 # 2. ms_deform_attn fwd+bwd at encoder and decoder sizes (R50 800x1088): the Triton kernel
 #    (compiled on first use), the pure PyTorch paths, the default and HF; fp32 and bf16 inputs;
 # 3. the real R50 training step at 800x1088 (matcher, criterion, AdamW) against HF's, bf16
-#    autocast then fp32: ours with the default dispatch and with the Triton kernel, interleaved
+#    autocast then fp32: ours (the Triton kernel) and ours with pure PyTorch attention, interleaved
 #    rounds, CUDA events, peak memory, the step's FLOPs and MFU (H100/H200 peaks built in);
 # 4. stage 1: ResNet-50 training img/s per GPU fed by the loader, decoding on the CPU vs on the
 #    GPU (nvJPEG, data.decode_on: device), bf16, channels_last;

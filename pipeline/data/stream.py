@@ -132,6 +132,7 @@ class TrainStream(IterableDataset):
         self.passes = 0  # in this process: a worker counts its own passes
 
     def next_plan(self) -> StreamPlan:
+        """The plan of this pass (and count it)."""
         plan = self.plan
         if self.passes:
             plan = replace(plan, epoch=plan.epoch + self.passes,
@@ -313,7 +314,7 @@ class TrainLoader(LoaderBase):
         Workers outlive an epoch because a forked worker makes the trainer copy every memory
         page it writes afterwards: 1-2 s at the start of every epoch of the tiny detector on
         2 CPU cores, about what 5 steps cost."""
-        if self._workers is None or self._workers_epoch != self.epoch or self.batches_in_epoch:
+        if self._workers_epoch != self.epoch or self.batches_in_epoch:  # -1: no workers
             self.close()
             stream = TrainStream(self._plan(), self.decode, self.collate)
             self._workers = make_data_loader(stream, self.num_workers, persistent=True)

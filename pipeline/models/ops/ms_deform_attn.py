@@ -27,7 +27,8 @@ and zero padding, as the official code):
   and samples them with a single ``grid_sample`` call (fewer launches, no per-level stack).
 
 ``ms_deform_attn`` dispatches between them, the fused Triton kernel of
-``ms_deform_attn_triton.py`` (the CUDA default) and any kernel registered with ``register_kernel``. Half-precision inputs are computed in fp32 and cast back: bilinear weights
+``ms_deform_attn_triton.py`` (the CUDA default) and any kernel registered with
+``register_kernel``. Half-precision inputs are computed in fp32 and cast back: bilinear weights
 in bf16 lose enough precision to shift boxes, and fused kernels commonly only accept fp32.
 """
 
@@ -101,8 +102,8 @@ def ms_deform_attn(
     """Multi-scale deformable attention sampling; see the module docstring for shapes.
 
     ``impl``: None picks a kernel registered for the device, else on CUDA the fused Triton kernel,
-    else the faster pure PyTorch one for the sizes; ``"triton"`` (fused, CUDA fp32), ``"canvas"``, ``"grid_sample"`` or ``"gather"``
-    force one.
+    else the faster pure PyTorch one for the sizes; ``"triton"`` (fused, CUDA fp32),
+    ``"canvas"``, ``"grid_sample"`` or ``"gather"`` force one.
     """
     check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     out_dtype = value.dtype
@@ -131,9 +132,9 @@ def _default_kernel(value: Tensor, sampling_locations: Tensor, compute_dtype: to
     else the faster pure PyTorch implementation for the sizes.
 
     Triton is the CUDA default by measurement (``bash benchmarks/gpu_all.sh``, H200, R50 800x1088,
-    fwd+bwd, fp32 inputs): encoder sizes 2.8 ms against 13.0 (canvas) and HF's 13.8, decoder
-    sizes 1.07 against 1.57 (grid_sample) and 1.66; the whole bf16 training step 113 against
-    156 ms, with 5.1 instead of 9.4 GB peak. ``register_kernel("cuda", ms_deform_attn_pytorch)``
+    fwd+bwd, fp32 inputs; runs A and B of benchmarks/RESULTS.md): encoder sizes 2.88 ms against
+    13.09 (canvas) and HF's 13.89, decoder sizes 1.07 against 1.76 (grid_sample) and 2.07; the
+    whole bf16 training step 113 against 156 ms, with 5.1 instead of 9.4 GB peak. ``register_kernel("cuda", ms_deform_attn_pytorch)``
     or ``impl=`` opts out.
     """
     if value.device.type in _KERNELS:
