@@ -118,7 +118,8 @@ def resample_image(
     # core; a strided crop view, or a CHW copy, takes the generic path).
     image_nchw = torch.from_numpy(np.array(pixels, dtype=np.uint8))[None].permute(0, 3, 1, 2)
     mirror_output = flip
-    if flip and image_nchw.shape[2] * image_nchw.shape[3] <= out_h * out_w:  # the smaller of in, out
+    # mirror the smaller of input and output
+    if flip and image_nchw.shape[2] * image_nchw.shape[3] <= out_h * out_w:
         image_nchw, mirror_output = image_nchw.flip(-1), False
     if tuple(image_nchw.shape[2:]) != (out_h, out_w):
         image_nchw = F.interpolate(image_nchw, size=(out_h, out_w), mode="bilinear", antialias=True,

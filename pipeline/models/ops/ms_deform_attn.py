@@ -134,8 +134,8 @@ def _default_kernel(value: Tensor, sampling_locations: Tensor, compute_dtype: to
     Triton is the CUDA default by measurement (``bash benchmarks/gpu_all.sh``, H200, R50 800x1088,
     fwd+bwd, fp32 inputs; runs A and B of benchmarks/RESULTS.md): encoder sizes 2.88 ms against
     13.09 (canvas) and HF's 13.89, decoder sizes 1.07 against 1.76 (grid_sample) and 2.07; the
-    whole bf16 training step 113 against 156 ms, with 5.1 instead of 9.4 GB peak. ``register_kernel("cuda", ms_deform_attn_pytorch)``
-    or ``impl=`` opts out.
+    whole bf16 training step 113 against 156 ms, with 5.1 instead of 9.4 GB peak.
+    ``register_kernel("cuda", ms_deform_attn_pytorch)`` or ``impl=`` opts out.
     """
     if value.device.type in _KERNELS:
         return _KERNELS[value.device.type]
