@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -109,8 +108,9 @@ def newest_detector(workdir: Path, exclude_prefix: str) -> str | None:
 
 def _download(workdir: Path, uri: str) -> Path:
     from pipeline.inference.model_io import resolve_model
+    from pipeline.model_cache import workdir_model_cache
 
-    return resolve_model(uri, _tracking_uri(workdir), tempfile.mkdtemp(prefix="detrforge-from-"))
+    return resolve_model(uri, _tracking_uri(workdir), workdir_model_cache(workdir))
 
 
 def resolve_source(args, workdir: Path, name: str) -> tuple[str, Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -77,8 +76,9 @@ def _tracking_uri(workdir: str | Path) -> str:
 
 def _predictor(args, batch_size: int = 4):
     from pipeline.inference.predictor import Predictor
+    from pipeline.model_cache import workdir_model_cache
 
-    cache = Path(tempfile.mkdtemp(prefix="detrforge-model-"))
+    cache = workdir_model_cache(args.workdir)
     return Predictor.from_uri(args.model, _tracking_uri(args.workdir), cache, device=args.device,
                               dtype=args.dtype, batch_size=batch_size)
 
@@ -234,6 +234,7 @@ def _given_export(args) -> Path | None:
     """The export folder --onnx reads as it is (a models:/ URI, an export folder, a finished run
     folder without --step); None when a checkpoint is to be consolidated first."""
     from pipeline.inference.model_io import resolve_model
+    from pipeline.model_cache import workdir_model_cache
 
     model = str(args.run_folder)
     if model.startswith("models:/"):
@@ -242,7 +243,7 @@ def _given_export(args) -> Path | None:
         if args.register:
             raise CliError("detrforge export: --register takes a run folder, not a models:/ URI")
         workdir = args.workdir or default_workdir()
-        return resolve_model(model, _tracking_uri(workdir), tempfile.mkdtemp(prefix="detrforge-model-"))
+        return resolve_model(model, _tracking_uri(workdir), workdir_model_cache(workdir))
     if (Path(model) / META_FILE).is_file():
         return Path(model)
     if args.step is None and RunFolder(Path(model)).export_meta_path.is_file():

@@ -259,6 +259,14 @@ def _model_version(client, name: str, version: int | None, alias: str | None):
         ) from err
 
 
+def resolve_version(uri: str, tracking_uri: str) -> tuple[str, int, str]:
+    """(name, version number, run id) of the version a `models:/` URI names now (an alias moves)."""
+    name, version, alias = parse_model_uri(uri)
+    with _registry_errors(f"resolving {uri}", tracking_uri):
+        mv = _model_version(mlflow_client(tracking_uri), name, version, alias)
+    return name, int(mv.version), mv.run_id or ""
+
+
 def resolve_model_uri(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     """Download the export behind `models:/<name>@<alias>` or `models:/<name>/<version>`.
 

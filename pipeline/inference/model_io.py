@@ -117,15 +117,16 @@ def read_meta(export_dir: str | Path) -> dict:
 
 def resolve_model(model: str | Path, tracking_uri: str | None, cache_dir: str | Path) -> Path:
     """The export folder behind MODEL: an export folder, a stage run folder (its export/), or a
-    ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` URI (downloaded under cache_dir)."""
+    ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` URI (downloaded once per version
+    under cache_dir and reused: `pipeline.model_cache`)."""
     text = str(model)
     if text.startswith("models:/"):
         if tracking_uri is None:
             raise InferenceError(f"{text}: a models:/ URI needs a tracking URI (--workdir or "
                                  "$MLFLOW_TRACKING_URI)")
-        from pipeline.registry import resolve_model_uri
+        from pipeline.model_cache import cached_model
 
-        return resolve_model_uri(text, tracking_uri, cache_dir)
+        return cached_model(text, tracking_uri, cache_dir)
     path = Path(text)
     if not path.exists():
         raise InferenceError(f"{path}: no such export folder, run folder or models:/ URI")

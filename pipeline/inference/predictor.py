@@ -81,12 +81,14 @@ class Predictor:
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None,
                  **kwargs) -> Predictor:
-        """From a models:/ URI (downloaded to cache_dir, default a temporary folder), an export
-        folder or a run folder."""
+        """From a models:/ URI (downloaded once per version into cache_dir; without one into a
+        temporary folder removed once the model is loaded), an export folder or a run folder."""
         import tempfile
 
-        cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="detrforge-"))
-        model, spec, meta = load_model(resolve_model(uri, tracking_uri, cache))
+        with contextlib.ExitStack() as stack:
+            cache = cache_dir if cache_dir is not None else stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="detrforge-"))
+            model, spec, meta = load_model(resolve_model(uri, tracking_uri, cache))
         return cls(model, spec, meta, **kwargs)
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.model_cache import cached_model, workdir_model_cache
 from pipeline.registry import (
     RegistryError,
     list_models,
@@ -412,6 +413,29 @@ def test_register_two_versions_promote_and_resolve(tmp_path, new_workdir):
     assert (latest / "model.safetensors").read_bytes() == b"two"
     pinned = resolve_model_uri("models:/demo.detr/1", uri, tmp_path / "dl3")
     assert (pinned / "model.safetensors").read_bytes() == b"one"
+
+
+def test_cached_model_downloads_a_version_once_and_follows_a_moved_alias(tmp_path, new_workdir):
+    workdir = new_workdir()
+    uri = tracking_uri_for(workdir)
+    for payload in (b"one", b"two"):
+        tracker = build_tracker(_cfg(), workdir, 0, "stage")
+        register_model(tracker, _export(tmp_path / payload.decode(), payload), "m")
+        tracker.finish()
+    promote(uri, "m", 1, "production")
+    cache = workdir_model_cache(workdir)
+    first = cached_model("models:/m@production", uri, cache)
+    assert (first / "model.safetensors").read_bytes() == b"one"
+    (first / "model.safetensors").write_bytes(b"marked")  # a second download would restore it
+    assert cached_model("models:/m/1", uri, cache) == first
+    assert (first / "model.safetensors").read_bytes() == b"marked"
+    promote(uri, "m", 2, "production")
+    moved = cached_model("models:/m@production", uri, cache)
+    assert (moved / "model.safetensors").read_bytes() == b"two"
+    (moved / "meta.json").unlink()  # a copy that lost a file is fetched again
+    assert (cached_model("models:/m@production", uri, cache) / "meta.json").is_file()
+    versions = sorted(p.name for p in (cache / "m").iterdir())
+    assert [v.split("-")[0] for v in versions] == ["v1", "v2"], versions  # nothing partial left
 
 
 def test_one_run_registering_twice_keeps_each_version_files(tmp_path, new_workdir):
