@@ -26,6 +26,7 @@ from launch.graph import (
 )
 from launch.stage_main import RESULT_FILE, stage_spec
 from launch.summary import write_reports
+from pipeline.run_folder import RunFolder
 from stages.common import read_done
 
 CONFIGS_DIR = Path(configs.__file__).resolve().parent
@@ -47,7 +48,10 @@ def select_stages(pipeline: Pipeline, only: str | None, from_stage: str | None) 
 def stage_command(spec: StageSpec, spec_file: Path) -> list[str]:
     if spec.processes <= 1:
         return [sys.executable, "-m", "launch.stage_main", str(spec_file)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    # Without --log-dir, torch.distributed.run leaves a torchelastic_* folder in the system's
+    # temporary folder after every run; in the run folder its error files stay with the stage.
+    logs = RunFolder(spec_file.parent).torchrun_logs_dir
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--log-dir={logs}",
             f"--nproc_per_node={spec.processes}", "-m", "launch.stage_main", str(spec_file)]
 
 

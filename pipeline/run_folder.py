@@ -13,6 +13,7 @@
     world_changes.json     each elastic resume: step, old and new world size, global batch, lr
     logs/metrics.jsonl     every logged metric (kept also when the tracker is down)
     logs/metrics.sent      the tracker's run id and the byte offset of metrics.jsonl it has sent
+    logs/torchrun/         torch.distributed.run's per-rank error files (local multi-process runs)
     artifacts/             what the evaluation draws (prediction pictures), logged to the tracker
 
 Other modules ask a `RunFolder` for these paths (or use the constants below for an export folder
@@ -95,6 +96,10 @@ class RunFolder:
     @property
     def logs_dir(self) -> Path:
         return self.root / LOGS_DIR
+
+    @property
+    def torchrun_logs_dir(self) -> Path:
+        return self.logs_dir / "torchrun"
 
     @property
     def metrics_path(self) -> Path:

@@ -53,9 +53,11 @@ def write_pipeline(path: Path, samples: Path, name: str = "tinypipe") -> Path:
     return path
 
 
-def detrforge(*args, cwd: Path) -> subprocess.CompletedProcess:
+def detrforge(*args, cwd: Path, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "detrforge"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=900)
@@ -65,8 +67,15 @@ def detrforge(*args, cwd: Path) -> subprocess.CompletedProcess:
 def test_tiny_pipeline_end_to_end(tmp_path, samples):
     pipeline_file = write_pipeline(tmp_path / "pipe.yaml", samples)
     workdir = tmp_path / "work"
-    first = detrforge("run", str(pipeline_file), "--workdir", str(workdir), cwd=tmp_path)
+    scratch = tmp_path / "system_tmp"
+    scratch.mkdir()
+    first = detrforge("run", str(pipeline_file), "--workdir", str(workdir), cwd=tmp_path,
+                      tmpdir=scratch)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # torch.distributed.run's per-run folder lives in the 2-process stage's run folder, not in
+    # the system's temporary folder (one left behind per run before).
+    assert (workdir / "tinypipe/backbone/logs/torchrun").is_dir()
+    assert not list(scratch.glob("torchelastic_*")), sorted(p.name for p in scratch.iterdir())
 
     for stage in ("backbone", "detr", "domain"):
         run_dir = workdir / "tinypipe" / stage
