@@ -130,13 +130,14 @@ def _metric_text(row: dict) -> str:
 
 def print_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> None:
     print(f"\npipeline {pipeline.name}  (workdir {workdir})")
-    print(f"{'stage':14s} {'status':22s} {'time':>8s}  {'main metric':18s} registered model")
+    width = max([14, *(len(row["stage"]) for row in rows)])  # long seeded names stay aligned
+    print(f"{'stage':{width}s} {'status':22s} {'time':>8s}  {'main metric':18s} registered model")
     for row in rows:
         seconds = row.get("seconds")
         took = f"{seconds:7.0f}s" if isinstance(seconds, (int, float)) else "       -"
         version = row.get("model_version")
         model = f"{pipeline.name}.{row['stage']} v{version}" if version else "-"
-        print(f"{row['stage']:14s} {row['status']:22s} {took}  {_metric_text(row):18s} {model}")
+        print(f"{row['stage']:{width}s} {row['status']:22s} {took}  {_metric_text(row):18s} {model}")
     print(f"MLflow: detrforge ui --workdir {workdir}   (it prints each experiment's link)")
 
 
@@ -145,6 +146,7 @@ def show_status(target: str | Path, workdir: Path) -> int:
     pipeline = load_target(target, [])
     jobs = _slurm_jobs(pipeline, workdir)
     print(f"pipeline {pipeline.name}  (workdir {workdir})")
+    width = max([14, *(len(spec.name) for spec in pipeline.stages)])
     for spec in pipeline.stages:
         status = stage_status(pipeline, spec, workdir)
         step = f"step {status['checkpoint_step']}/{status['max_steps']}" if status[
@@ -152,7 +154,7 @@ def show_status(target: str | Path, workdir: Path) -> int:
         done = status["done"] or {}
         metric = _metric_text(done) if done else ""
         job = jobs.get(spec.name, "")
-        print(f"  {spec.name:14s} {status['state']:12s} {step:16s} {metric:16s} {job}")
+        print(f"  {spec.name:{width}s} {status['state']:12s} {step:16s} {metric:16s} {job}")
     return 0
 
 

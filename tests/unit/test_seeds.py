@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from launch.graph import load_pipeline
-from launch.runner import select_stages
+from launch.runner import print_summary, select_stages, show_status
 from launch.summary import seed_rows, write_summary
 from pipeline.config import ConfigError
 
@@ -117,3 +117,17 @@ def test_summary_adds_mean_and_std_over_the_finished_seeds(tmp_path):
 def test_an_unseeded_pipeline_summary_has_no_aggregate_rows(tmp_path):
     pipeline = load_pipeline(_pipe(tmp_path, _stage("plain")))
     assert seed_rows(pipeline, [_row("plain", 0.5, 0.6)]) == []
+
+
+def test_status_and_summary_columns_stay_aligned_with_long_seeded_names(tmp_path, capsys):
+    pipe = _pipe(tmp_path, _stage("a") + _stage("dino_varifocal_600", "    seeds: [0, 1]\n"))
+    pipeline = load_pipeline(pipe)
+    show_status(pipe, tmp_path / "work")
+    print_summary(pipeline, [{"stage": s.name, "status": "done", "seconds": 1.0}
+                             for s in pipeline.stages], tmp_path / "work")
+    lines = capsys.readouterr().out.splitlines()
+    status_rows = [line for line in lines if "not started" in line]
+    summary_rows = [line for line in lines if " done " in line]
+    assert len(status_rows) == len(summary_rows) == 3
+    assert len({row.index("not started") for row in status_rows}) == 1, status_rows
+    assert len({row.index(" done ") for row in summary_rows}) == 1, summary_rows
