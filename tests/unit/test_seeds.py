@@ -91,6 +91,23 @@ def test_the_convergence_pipeline_runs_each_variant_with_two_seeds():
     assert all(s.cfg.train.ema.enabled for s in groups["dino"])
     assert not any(s.cfg.train.ema.enabled for s in groups["deformable"])
 
+    # measured with the focal loss (tiny_dino.yaml's own is varifocal now): pinned to it
+    assert {s.cfg.criterion.class_loss for n in ("dino", "dino_groups") for s in groups[n]} == {"focal"}
+
+
+def test_the_dino_aim_pipeline_compares_600_dino_steps_with_1000_deformable_steps():
+    groups = load_pipeline(CONFIGS / "pipelines" / "dino_aim.yaml").groups()
+    deformable, dino_600 = groups["deformable"], groups["dino_varifocal_600"]
+    assert [s.cfg.train.seed for s in deformable] == [s.cfg.train.seed for s in dino_600] == [0, 1, 2, 3]
+    assert {s.cfg.train.max_steps for s in deformable} == {1000}
+    assert {(s.cfg.model.kind, s.cfg.criterion.class_loss, s.cfg.optim.lr) for s in deformable} == {
+        ("deformable", "focal", 4.0e-4)}
+    for name, loss, steps in (("dino_varifocal_600", "varifocal", 600), ("dino_focal_600", "focal", 600),
+                              ("dino_varifocal", "varifocal", 1000)):
+        assert {(s.cfg.model.kind, s.cfg.criterion.class_loss, s.cfg.optim.lr, s.cfg.train.max_steps)
+                for s in groups[name]} == {("dino", loss, 6.0e-4, steps)}, name
+    assert all(s.depends_on == ["backbone"] for name in groups if name != "backbone"
+               for s in groups[name])
 
 def _row(stage: str, ap: float, ap50: float) -> dict:
     return {"stage": stage, "status": "done", "metrics": {"AP": ap, "AP50": ap50},
