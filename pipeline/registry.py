@@ -104,14 +104,9 @@ def _run_of(tracker_or_run_id: Tracker | str, tracking_uri: str | None) -> tuple
 
 
 def register_model(
-    tracker_or_run_id: Tracker | str,
-    export_dir: str | Path,
-    name: str,
-    tags: Mapping[str, Any] | None = None,
-    aliases: Iterable[str] = (LATEST_ALIAS,),
-    tracking_uri: str | None = None,
-    strict: bool = True,
-    description: str = "",
+    tracker_or_run_id: Tracker | str, export_dir: str | Path, name: str,
+    tags: Mapping[str, Any] | None = None, aliases: Iterable[str] = (LATEST_ALIAS,),
+    tracking_uri: str | None = None, strict: bool = True, description: str = "",
     model_tags: Mapping[str, Any] | None = None,
 ) -> int | None:
     """Log export_dir under the run's `export/` artifacts and register it as a new version of name.
