@@ -128,9 +128,14 @@ def _metric_text(row: dict) -> str:
     return f"{key} {metrics[key]:.3f}" if key in metrics else "-"
 
 
+def _name_width(names) -> int:
+    """The stage column's width: long seeded names (dino_varifocal_600_s0) stay aligned."""
+    return max([14, *(len(name) for name in names)])
+
+
 def print_summary(pipeline: Pipeline, rows: list[dict], workdir: Path) -> None:
     print(f"\npipeline {pipeline.name}  (workdir {workdir})")
-    width = max([14, *(len(row["stage"]) for row in rows)])  # long seeded names stay aligned
+    width = _name_width(row["stage"] for row in rows)
     print(f"{'stage':{width}s} {'status':22s} {'time':>8s}  {'main metric':18s} registered model")
     for row in rows:
         seconds = row.get("seconds")
@@ -146,7 +151,7 @@ def show_status(target: str | Path, workdir: Path) -> int:
     pipeline = load_target(target, [])
     jobs = _slurm_jobs(pipeline, workdir)
     print(f"pipeline {pipeline.name}  (workdir {workdir})")
-    width = max([14, *(len(spec.name) for spec in pipeline.stages)])
+    width = _name_width(spec.name for spec in pipeline.stages)
     for spec in pipeline.stages:
         status = stage_status(pipeline, spec, workdir)
         step = f"step {status['checkpoint_step']}/{status['max_steps']}" if status[

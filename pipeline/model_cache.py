@@ -12,10 +12,11 @@ An alias is resolved to its version on every call, so a moved alias fetches the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
-from pipeline.registry import EXPORT_FILES, resolve_model_uri, resolve_version
+from pipeline.registry import EXPORT_FILES, RegistryError, resolve_model_uri, resolve_version
 
 CACHE_FOLDER = Path(".cache") / "models"
 _DONE = "export_path.txt"  # written last: the export folder inside, relative to the version folder
@@ -30,7 +31,7 @@ def cached_model(uri: str, tracking_uri: str, cache_root: str | Path) -> Path:
     """The local export folder of `models:/<name>@<alias>` or `models:/<name>/<version>`,
     downloaded into cache_root the first time that version is asked for."""
     name, version, run_id = resolve_version(uri, tracking_uri)
-    folder = Path(cache_root) / _safe(name) / f"v{version}-{run_id[:12] or 'norun'}"
+    folder = Path(cache_root) / safe_folder_name(name) / f"v{version}-{run_id[:12] or 'norun'}"
     cached = _complete(folder)
     if cached is not None:
         return cached
@@ -46,7 +47,7 @@ def cached_model(uri: str, tracking_uri: str, cache_root: str | Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
     cached = _complete(folder)
     if cached is None:
-        raise RuntimeError(f"pipeline/model_cache.py: {folder} is incomplete; delete it and retry")
+        raise RegistryError(f"pipeline/model_cache.py: {folder} is incomplete; delete it and retry")
     return cached
 
 
@@ -59,5 +60,6 @@ def _complete(folder: Path) -> Path | None:
     return export if all((export / f).is_file() for f in EXPORT_FILES) else None
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+def safe_folder_name(text: str) -> str:
+    """`text` as one folder name: anything but letters, digits, `.`, `_` and `-` becomes `_`."""
+    return re.sub(r"[^\w.\-]", "_", text)

@@ -9,7 +9,6 @@ into the run folder.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,10 @@ def resolve_init(value: str | None, ctx) -> Path | None:
 
 
 def _download_registered(uri: str, ctx) -> Path:
+    from pipeline.model_cache import safe_folder_name
     from pipeline.registry import resolve_model_uri
 
-    safe = re.sub(r"[^\w.\-]", "_", uri[len(MODEL_PREFIX):])
+    safe = safe_folder_name(uri[len(MODEL_PREFIX):])
     dst = Path(ctx.run_dir) / "inputs" / safe
     # Rank 0 downloads; its outcome, failure included, reaches every rank before anyone acts,
     # so a registry error stops all ranks at once with the same message (no rank left waiting).
